@@ -1,0 +1,30 @@
+# The two commands of the README: `make bench` (the benchmark report) and `make test`.
+# Both set everything up on a fresh machine first: a virtualenv in .venv, the pinned dev
+# requirements, and mtlfast installed editable with its native module built (CMake + ninja).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.mtlfast-installed
+NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
+
+.PHONY: setup test bench info clean
+
+setup: $(STAMP)
+
+$(STAMP): requirements-dev.txt $(NATIVE_SOURCES)
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
+	touch $@
+
+test: setup
+	$(BIN)/python -m pytest tests
+
+bench: setup
+	$(BIN)/python -m bench
+
+info: setup
+	$(BIN)/python -m mtlfast.info
+
+clean:
+	rm -rf build $(VENV) mtlfast/_C*.so bench/out

@@ -1,0 +1,48 @@
+"""Host-side input validation shared by every op: errors name the op, the argument, what was
+expected and what was given, so a user can fix the call without reading kernel code."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def tensor(op: str, name: str, value: object, *, ndim: Optional[int] = None,
+           min_ndim: Optional[int] = None, dtypes: Optional[Sequence[torch.dtype]] = None) -> torch.Tensor:
+    """Checks that ``value`` is a tensor of the given rank and dtype; returns it."""
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(value).__name__}")
+    if dtypes is not None and value.dtype not in dtypes:
+        expected = " or ".join(_dtype_name(d) for d in dtypes)
+        raise TypeError(f"{op}: argument '{name}' must have dtype {expected}, got {_dtype_name(value.dtype)}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{op}: argument '{name}' must be {ndim}-D, got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(f"{op}: argument '{name}' must have at least {min_ndim} dimension(s), "
+                         f"got shape {tuple(value.shape)}")
+    return value
+
+
+def same_dtype(op: str, ref_name: str, ref: torch.Tensor, name: str, value: torch.Tensor) -> None:
+    if value.dtype != ref.dtype:
+        raise TypeError(f"{op}: argument '{name}' must have the dtype of '{ref_name}' "
+                        f"({_dtype_name(ref.dtype)}), got {_dtype_name(value.dtype)}")
+
+
+def same_device(op: str, ref_name: str, ref: torch.Tensor, name: str, value: torch.Tensor) -> None:
+    if value.device != ref.device:
+        raise ValueError(f"{op}: argument '{name}' must be on the device of '{ref_name}' "
+                         f"({ref.device}), got {value.device}")
+
+
+def shape(op: str, name: str, value: torch.Tensor, expected: Sequence[int], why: str = "") -> None:
+    if tuple(value.shape) != tuple(expected):
+        hint = f" ({why})" if why else ""
+        raise ValueError(f"{op}: argument '{name}' must have shape {tuple(expected)}{hint}, "
+                         f"got {tuple(value.shape)}")
