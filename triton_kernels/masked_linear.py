@@ -18,7 +18,8 @@ _INT32_MAX = 2**31 - 1
 
 
 def _configs(block_a: int, block_b: int, block_r: int):
-    """Autotune candidates over (rows, cols, reduction) tiles. The interpreter gets one config:
+    """Autotune candidates over (rows, cols, reduction) tiles, in that kwargs order (fits_shared_memory
+    reads them so). The interpreter gets one config:
     it would otherwise time every candidate, and its speed says nothing about a GPU."""
     if _INTERPRET:
         return [triton.Config({block_a: 32, block_b: 32, block_r: 32}, num_warps=4)]
@@ -26,6 +27,23 @@ def _configs(block_a: int, block_b: int, block_r: int):
               (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 32, 32, 5, 2)]
     return [triton.Config({block_a: a, block_b: b, block_r: r}, num_stages=s, num_warps=w)
             for a, b, r, s, w in shapes]
+
+
+# Shared memory the smaller of the targets (A100) offers a block; fp32 tiles with many stages
+# exceed it (fp32 stays IEEE, on FMA units, so big fp32 tiles buy nothing anyway).
+_SHARED_BUDGET = 160 * 1024
+
+
+def fits_shared_memory(config, element_bytes: int) -> bool:
+    """Conservative estimate: every stage holds both operand tiles."""
+    a, b, r = config.kwargs.values()
+    return config.num_stages * (a * r + r * b) * element_bytes <= _SHARED_BUDGET
+
+
+def _prune(configs, named_args, **kwargs):
+    element_bytes = next(v.element_size() for k, v in named_args.items() if k.endswith("_ptr") and k != "bits_ptr")
+    kept = [c for c in configs if fits_shared_memory(c, element_bytes)]
+    return kept or configs[-1:]
 
 
 @triton.jit
@@ -78,7 +96,8 @@ def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: t
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"), key=["M", "N", "K", "PRECISION"])
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"), key=["M", "N", "K", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _forward_kernel(x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk, bits_ptr, stride_bits,
                     bias_ptr, out_ptr, stride_om, stride_on, M, N, K,
@@ -109,7 +128,8 @@ def _forward_kernel(x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk, bi
              acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_K", "BLOCK_N"), key=["M", "N", "K", "PRECISION"])
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_K", "BLOCK_N"), key=["M", "N", "K", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _grad_input_kernel(dy_ptr, stride_dm, stride_dn, w_ptr, stride_wn, stride_wk, bits_ptr, stride_bits,
                        dx_ptr, stride_xm, stride_xk, M, N, K,
@@ -140,7 +160,8 @@ def _grad_input_kernel(dy_ptr, stride_dm, stride_dn, w_ptr, stride_wn, stride_wk
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_K", "BLOCK_M"), key=["M", "N", "K", "PRECISION"])
+@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_K", "BLOCK_M"), key=["M", "N", "K", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune})
 @triton.jit
 def _grad_weight_kernel(dy_ptr, stride_dm, stride_dn, x_ptr, stride_xm, stride_xk, bits_ptr, stride_bits,
                         dw_ptr, stride_wn, stride_wk, dbias_ptr, M, N, K,

@@ -1,0 +1,153 @@
+// The pybind11 module mtlfast._C: launchers take raw pointers (tensor.data_ptr()), element strides
+// and the CUDA stream as integers, so nothing here depends on PyTorch headers (DESIGN.md).
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#ifdef MTLFAST_WITH_CUDA
+#include <cuda_runtime.h>
+#include "cuda/masked_linear.h"
+#endif
+
+namespace py = pybind11;
+
+namespace {
+
+std::vector<int> split_archs(const std::string& csv) {
+  std::vector<int> out;
+  size_t start = 0;
+  while (start < csv.size()) {
+    size_t end = csv.find(',', start);
+    if (end == std::string::npos) end = csv.size();
+    std::string item = csv.substr(start, end - start);
+    // "90-real" and "90a" both name compute capability 9.0.
+    size_t digits = 0;
+    while (digits < item.size() && item[digits] >= '0' && item[digits] <= '9') ++digits;
+    if (digits > 0) out.push_back(std::stoi(item.substr(0, digits)));
+    start = end + 1;
+  }
+  return out;
+}
+
+py::dict build_info() {
+  py::dict info;
+  info["version"] = std::string(MTLFAST_VERSION);
+  info["cpu"] = true;
+#ifdef MTLFAST_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_archs"] = split_archs(MTLFAST_CUDA_ARCHS);
+  info["cuda_version"] = std::string(MTLFAST_CUDA_VERSION);
+#else
+  info["cuda"] = false;
+  info["cuda_archs"] = std::vector<int>{};
+  info["cuda_version"] = py::none();
+#endif
+  return info;
+}
+
+#ifdef MTLFAST_WITH_CUDA
+void check(cudaError_t err, const char* what) {
+  if (err != cudaSuccess) {
+    throw std::runtime_error(std::string("mtlfast._C.") + what + ": " + cudaGetErrorString(err));
+  }
+}
+
+// Devices the runtime sees; 0 (not an error) where there is no driver or no GPU.
+int cuda_device_count() {
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess) {
+    cudaGetLastError();  // clear the sticky "no driver" error
+    return 0;
+  }
+  return count;
+}
+
+template <typename T>
+T* ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
+#else
+int cuda_device_count() { return 0; }
+#endif
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "mtlfast native kernels (CPU and CUDA), framework-free";
+  m.def("build_info", &build_info,
+        "dict: version, cpu, cuda (CUDA kernels compiled), cuda_archs, cuda_version");
+  m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to mtlfast._C (0 without a driver)");
+#ifdef MTLFAST_WITH_CUDA
+  // Same arguments, same order as csrc/cuda/masked_linear.h; pointers and the stream as integers
+  // (0 = null), dtype as the DType code.
+  auto to_dtype = [](int code) {
+    if (code < 0 || code > static_cast<int>(mtlfast::DType::kFloat64)) {
+      throw py::value_error("mtlfast._C: dtype code must be 0 (float32), 1 (float16), 2 (bfloat16) or "
+                            "3 (float64), got " + std::to_string(code));
+    }
+    return static_cast<mtlfast::DType>(code);
+  };
+  m.def(
+      "masked_linear_forward",
+      [to_dtype](int dtype, int64_t M, int64_t N, int64_t K, std::uintptr_t x, int64_t sxm, int64_t sxk,
+                 std::uintptr_t w, int64_t swn, int64_t swk, std::uintptr_t mask_bits, int64_t mask_row_stride,
+                 std::uintptr_t bias, std::uintptr_t out, int64_t som, int64_t son, std::uintptr_t stream) {
+        const mtlfast::DType dt = to_dtype(dtype);
+        cudaError_t err;
+        {
+          py::gil_scoped_release nogil;
+          err = mtlfast::cuda::masked_linear_forward(
+              dt, M, N, K, ptr<const void>(x), sxm, sxk, ptr<const void>(w), swn, swk,
+              ptr<const int32_t>(mask_bits), mask_row_stride, ptr<const void>(bias), ptr<void>(out), som, son,
+              ptr<CUstream_st>(stream));
+        }
+        check(err, "masked_linear_forward");
+      },
+      py::arg("dtype"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x"), py::arg("sxm"), py::arg("sxk"),
+      py::arg("w"), py::arg("swn"), py::arg("swk"), py::arg("mask_bits"), py::arg("mask_row_stride"),
+      py::arg("bias"), py::arg("out"), py::arg("som"), py::arg("son"), py::arg("stream"),
+      "out (M, N) = x (M, K) @ (w (N, K) * mask)^T + bias; mask_bits (N, ceil(K/32)) int32 words, "
+      "element strides, pointers and stream as integers (0 = null bias / default stream)");
+  m.def(
+      "masked_linear_grad_input",
+      [to_dtype](int dtype, int64_t M, int64_t N, int64_t K, std::uintptr_t dy, int64_t sdm, int64_t sdn,
+                 std::uintptr_t w, int64_t swn, int64_t swk, std::uintptr_t mask_bits, int64_t mask_row_stride,
+                 std::uintptr_t dx, int64_t sxm, int64_t sxk, std::uintptr_t stream) {
+        const mtlfast::DType dt = to_dtype(dtype);
+        cudaError_t err;
+        {
+          py::gil_scoped_release nogil;
+          err = mtlfast::cuda::masked_linear_grad_input(
+              dt, M, N, K, ptr<const void>(dy), sdm, sdn, ptr<const void>(w), swn, swk,
+              ptr<const int32_t>(mask_bits), mask_row_stride, ptr<void>(dx), sxm, sxk, ptr<CUstream_st>(stream));
+        }
+        check(err, "masked_linear_grad_input");
+      },
+      py::arg("dtype"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dy"), py::arg("sdm"), py::arg("sdn"),
+      py::arg("w"), py::arg("swn"), py::arg("swk"), py::arg("mask_bits"), py::arg("mask_row_stride"),
+      py::arg("dx"), py::arg("sxm"), py::arg("sxk"), py::arg("stream"),
+      "dx (M, K) = dy (M, N) @ (w (N, K) * mask); element strides, pointers and stream as integers");
+  m.def(
+      "masked_linear_grad_weight",
+      [to_dtype](int dtype, int64_t M, int64_t N, int64_t K, std::uintptr_t dy, int64_t sdm, int64_t sdn,
+                 std::uintptr_t x, int64_t sxm, int64_t sxk, std::uintptr_t mask_bits, int64_t mask_row_stride,
+                 std::uintptr_t dw, int64_t swn, int64_t swk, std::uintptr_t dbias, std::uintptr_t stream) {
+        const mtlfast::DType dt = to_dtype(dtype);
+        cudaError_t err;
+        {
+          py::gil_scoped_release nogil;
+          err = mtlfast::cuda::masked_linear_grad_weight(
+              dt, M, N, K, ptr<const void>(dy), sdm, sdn, ptr<const void>(x), sxm, sxk,
+              ptr<const int32_t>(mask_bits), mask_row_stride, ptr<void>(dw), swn, swk, ptr<void>(dbias),
+              ptr<CUstream_st>(stream));
+        }
+        check(err, "masked_linear_grad_weight");
+      },
+      py::arg("dtype"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dy"), py::arg("sdm"), py::arg("sdn"),
+      py::arg("x"), py::arg("sxm"), py::arg("sxk"), py::arg("mask_bits"), py::arg("mask_row_stride"),
+      py::arg("dw"), py::arg("swn"), py::arg("swk"), py::arg("dbias"), py::arg("stream"),
+      "dw (N, K) = mask * (dy (M, N)^T @ x (M, K)), zero where the mask is 0; dbias (N,) = dy.sum(0) "
+      "when dbias != 0; element strides, pointers and stream as integers");
+#endif
+}
