@@ -1,0 +1,86 @@
+"""Run settings and the list of cases (op x workload x mode x provider) they select."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from bench import providers, registry
+from bench.registry import MODES, Workload
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def default_device() -> str:
+    """"cuda" when a GPU is visible, else "cpu"."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device: str) -> str:
+    """bf16 on CUDA, fp32 on CPU."""
+    return "bfloat16" if device == "cuda" else "float32"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run covers and how long it measures."""
+
+    device: str
+    dtype: str
+    quick: bool = False
+    workloads: tuple[str, ...] = ()
+    providers: tuple[str, ...] = ()
+    modes: tuple[str, ...] = ()
+    seed: int = 0
+
+    @classmethod
+    def make(cls, device: str | None = None, dtype: str | None = None, **kwargs: object) -> "Settings":
+        """Settings with the device and dtype defaults filled in."""
+        device = device or default_device()
+        return cls(device=device, dtype=dtype or default_dtype(device), **kwargs)
+
+    @property
+    def torch_device(self) -> torch.device:
+        return torch.device(self.device)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: a workload of an op, in one mode, through one provider."""
+
+    workload: Workload
+    mode: str
+    provider: str
+
+    @property
+    def id(self) -> str:
+        return f"{self.workload.key}/{self.mode}/{self.provider}"
+
+
+def _pick(wanted: tuple[str, ...], valid: tuple[str, ...], what: str) -> tuple[str, ...]:
+    unknown = [w for w in wanted if w not in valid]
+    if unknown:
+        raise ValueError(f"unknown {what} {unknown}; valid: {', '.join(valid)}")
+    return tuple(v for v in valid if v in wanted) if wanted else valid
+
+
+def select(settings: Settings) -> list[Case]:
+    """The cases of ``settings``, grouped by workload and mode, eager first.
+
+    Naming providers keeps the baselines (eager, dense) that the derived numbers divide by.
+    Raises ValueError on an unknown workload, provider, mode, device or dtype.
+    """
+    if settings.device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {settings.device!r}; valid: cpu, cuda")
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device cuda requested but torch sees no CUDA device")
+    _pick((settings.dtype,), DTYPES, "dtype")
+    workloads = registry.find(settings.workloads)
+    wanted = settings.providers and tuple(settings.providers) + providers.ALWAYS_RUN
+    names = _pick(wanted, providers.names(), "provider")
+    modes = _pick(settings.modes, MODES, "mode")
+    return [Case(w, m, p) for w in workloads for m in modes for p in names]

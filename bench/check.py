@@ -1,0 +1,36 @@
+"""Sanity check of a provider's results against eager before it is timed."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+# norm-wise relative error allowed per dtype (fp32 leaves room for TF32 and reordered sums)
+TOLERANCE: dict[torch.dtype, float] = {torch.float32: 1e-3, torch.float64: 1e-9,
+                                       torch.bfloat16: 2e-2, torch.float16: 5e-3}
+
+
+def relative_error(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor]) -> float:
+    """Largest ``‖got - expected‖ / ‖expected‖`` over matching tensors (float64)."""
+    if len(got) != len(expected):
+        raise ValueError(f"expected {len(expected)} tensors, got {len(got)}")
+    worst = 0.0
+    for a, b in zip(got, expected):
+        if a.shape != b.shape:
+            raise ValueError(f"shape {tuple(a.shape)} differs from eager's {tuple(b.shape)}")
+        a, b = a.detach().double(), b.detach().double()
+        worst = max(worst, float((a - b).norm() / b.norm().clamp_min(1e-30)))
+    return worst
+
+
+class WrongResult(AssertionError):
+    """A provider's result differs from eager's by more than the dtype's tolerance."""
+
+
+def verify(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], dtype: torch.dtype) -> float:
+    """The relative error of ``got``; raises :class:`WrongResult` beyond the dtype's tolerance."""
+    err = relative_error(got, expected)
+    tol = TOLERANCE.get(dtype, 1e-2)
+    if not err <= tol:
+        raise WrongResult(f"relative error {err:.2e} > {tol:.0e} against eager")
+    return err

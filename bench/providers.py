@@ -1,0 +1,84 @@
+"""Providers: the implementations a workload is timed with.
+
+``eager`` is what a user writes, ``compile`` is ``torch.compile`` of it, ``dense`` the same
+shape without the op's extra work (the roofline), and every mtlfast backend is forced with
+``mtlfast.use_backend``.  A provider that cannot run the inputs gives a reason instead.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ContextManager
+
+import torch
+
+from bench.registry import OpBench
+
+BASELINES: tuple[str, ...] = ("eager", "compile", "dense")
+DEFAULT_BACKENDS: tuple[str, ...] = ("reference", "triton", "cuda", "cpu")
+ALWAYS_RUN: tuple[str, ...] = ("eager", "dense")  # what speedup and fraction of dense divide by
+
+
+@dataclass(frozen=True)
+class Built:
+    """A runnable provider (``fn`` called inside ``context()``) or the ``reason`` it cannot run."""
+
+    fn: Callable[..., Any] | None = None
+    reason: str | None = None
+    context: Callable[[], ContextManager[Any]] = field(default=contextlib.nullcontext)
+    checked: bool = True  # compare its results with eager's before timing
+
+
+def names() -> tuple[str, ...]:
+    """Every provider name: the baselines, then the mtlfast backends."""
+    try:
+        import mtlfast
+
+        extra = tuple(mtlfast.available_backends())
+    except Exception:
+        extra = ()
+    return BASELINES + tuple(dict.fromkeys(DEFAULT_BACKENDS + extra))
+
+
+def _eager(spec: OpBench, args: tuple, device: torch.device) -> Built:
+    return Built(spec.eager, checked=False)  # it is the oracle
+
+
+def _dense(spec: OpBench, args: tuple, device: torch.device) -> Built:
+    if spec.dense is None:
+        return Built(reason=f"{spec.op} has no dense counterpart")
+    return Built(spec.dense, checked=False)  # a different computation by design
+
+
+def _compile(spec: OpBench, args: tuple, device: torch.device) -> Built:
+    torch._dynamo.reset()  # fresh caches: no recompile limit across cases, no shape generalisation
+    return Built(torch.compile(spec.eager, dynamic=False))
+
+
+def _backend(name: str) -> Callable[[OpBench, tuple, torch.device], Built]:
+    def build(spec: OpBench, args: tuple, device: torch.device) -> Built:
+        if name == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            return Built(reason="TRITON_INTERPRET is set: interpreted Triton kernels are not timed")
+        try:
+            import mtlfast
+            import mtlfast.backends
+
+            fn = spec.mtlfast()
+            reasons = mtlfast.backends.reasons(spec.op, *args)
+        except Exception as exc:  # library absent or incomplete: the baselines still run
+            return Built(reason=f"mtlfast unavailable: {type(exc).__name__}: {exc}")
+        if name not in reasons:
+            return Built(reason=f"mtlfast has no backend {name!r} for {spec.op}")
+        if reasons[name] is not None:
+            return Built(reason=str(reasons[name]))
+        return Built(fn, context=lambda: mtlfast.use_backend(name))
+
+    return build
+
+
+def build(name: str, spec: OpBench, args: tuple, device: torch.device) -> Built:
+    """Provider ``name`` for ``spec`` on these inputs."""
+    builders = {"eager": _eager, "dense": _dense, "compile": _compile}
+    return builders.get(name, _backend(name))(spec, args, device)

@@ -1,0 +1,107 @@
+"""How one case runs: inputs, provider, correctness check, timing, record."""
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_leaves
+
+from bench import check, envinfo, peaks, providers, records, registry, timer
+from bench.cases import Case, Settings
+
+Result = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]  # (outputs, gradients)
+
+
+def _tensors(value: Any) -> tuple[torch.Tensor, ...]:
+    if isinstance(value, torch.Tensor):
+        return (value,)
+    return tuple(t for t in tree_leaves(value) if isinstance(t, torch.Tensor))
+
+
+def make_step(fn: Callable[..., Any], args: Sequence[Any], mode: str, seed: int) -> Callable[[], Result]:
+    """A zero-argument call of ``fn(*args)``; in ``fwd+bwd`` also the gradients of every input
+    that requires them, for fixed seeded output gradients (``torch.autograd.grad``: no
+    accumulation into ``.grad``)."""
+    if mode == "fwd":
+        return lambda: (_tensors(fn(*args)), ())
+    wrt = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    grads_out: list[torch.Tensor] = []
+
+    def step() -> Result:
+        outs = tuple(t for t in _tensors(fn(*args)) if t.requires_grad)
+        if not grads_out:
+            g = torch.Generator(device=outs[0].device).manual_seed(seed + 1)
+            grads_out.extend(torch.randn(t.shape, generator=g, device=t.device, dtype=t.dtype)
+                             for t in outs)
+        return outs, tuple(torch.autograd.grad(outs, wrt, grads_out))
+
+    return step
+
+
+def io_bytes(args: Sequence[Any], result: Result) -> int:
+    """Ideal traffic: inputs, outputs, and in ``fwd+bwd`` the output gradients and the gradients."""
+    outs, grads = result
+    incoming = outs if grads else ()
+    return sum(t.numel() * t.element_size()
+               for t in (*_tensors(tuple(args)), *outs, *incoming, *grads))
+
+
+class Runner:
+    """Runs the cases of one session and keeps their records."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = settings.torch_device
+        self.timer = timer.Timer(self.device, timer.QUICK if settings.quick else timer.DEFAULT)
+        self.env = envinfo.environment(self.device.type)
+        self.peak = peaks.lookup(self.env["device_name"]) if self.device.type == "cuda" else None
+        self.records: list[dict[str, Any]] = []
+        self._eager: tuple[tuple, Result] | None = None  # one slot: cases come grouped
+
+    def _expected(self, case: Case, spec: registry.OpBench, args: tuple) -> Result:
+        """Eager's result on the same inputs (computed once per workload and mode)."""
+        key = (case.workload.key, case.mode)
+        if self._eager is None or self._eager[0] != key:
+            self._eager = None  # free the previous one first
+            result, _ = self.timer.timed_call(make_step(spec.eager, args, case.mode, self.settings.seed))
+            self._eager = (key, result)
+        return self._eager[1]
+
+    def run(self, case: Case, benchmark: Any) -> dict[str, Any]:
+        """Measure ``case`` (timing through the pytest-benchmark ``benchmark`` fixture)."""
+        record = self._run(case, benchmark)
+        self.records.append(record)
+        return record
+
+    def _run(self, case: Case, benchmark: Any) -> dict[str, Any]:
+        s, w = self.settings, case.workload
+        record = records.base(op=w.op, workload=w.name, mode=case.mode, provider=case.provider,
+                              params=w.params, dtype=s.dtype, env=self.env)
+        reason = w.unsupported_reason(self.device.type)
+        if reason:
+            return records.not_run(record, "skipped", reason)
+        spec = registry.op(w.op)
+        args = spec.make_inputs(w.params, self.device, s.torch_dtype, case.mode != "fwd", s.seed)
+        built = providers.build(case.provider, spec, args, self.device)
+        if built.reason:
+            return records.not_run(record, "skipped", built.reason)
+        step = make_step(built.fn, args, case.mode, s.seed)
+        benchmark.group = f"{w.key}/{case.mode}"
+        benchmark.extra_info.update(op=w.op, workload=w.name, mode=case.mode,
+                                    provider=case.provider, dtype=s.dtype, device=s.device)
+        expected = None if case.provider == "eager" else self._expected(case, spec, args)
+        try:
+            with built.context():
+                result, first_s = self.timer.timed_call(step)
+                if expected is None:
+                    expected, self._eager = result, ((w.key, case.mode), result)
+                rel_err = (check.verify(result[0] + result[1], expected[0] + expected[1], s.torch_dtype)
+                           if built.checked else None)
+                per_call = self.timer.warm_up(step, spent_s=first_s, last_s=first_s)
+                samples = self.timer.measure(step, benchmark, per_call)
+        except Exception as exc:  # a failing provider is an error record, the run goes on
+            return records.not_run(record, "error", f"{type(exc).__name__}: {exc}")
+        return records.measured(record, samples=samples, clock=self.timer.primary_clock,
+                                flops=spec.flops(w.params, case.mode), nbytes=io_bytes(args, expected),
+                                peak=self.peak, rel_err=rel_err)

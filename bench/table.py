@@ -1,0 +1,77 @@
+"""The markdown results table: one section per device and dtype, one row per provider."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from bench import fmt
+
+Record = Mapping[str, Any]
+CLOCK_NAMES = {"wall": "wall time per call", "cuda_event": "CUDA-event kernel time per call"}
+
+
+def _collapse(records: Sequence[Record]) -> list[Record]:
+    """Merge the providers of a workload and mode that were all skipped for one reason into a
+    single ``all`` row (e.g. a GPU-only workload on a CPU)."""
+    groups: dict[tuple, list[Record]] = {}
+    for r in records:
+        groups.setdefault((r["op"], r["workload"], r["mode"]), []).append(r)
+    out: list[Record] = []
+    for group in groups.values():
+        reasons = {(r["status"], r["reason"]) for r in group}
+        if len(group) > 1 and len(reasons) == 1 and group[0]["status"] == "skipped":
+            out.append({**group[0], "provider": "all"})
+        else:
+            out.extend(group)
+    return out
+
+
+def _row(r: Record, wall_column: bool, peak_columns: bool) -> list[str]:
+    head = [r["op"], r["workload"], r["mode"], r["provider"]]
+    if r["status"] != "ok":
+        return head + [f"{r['status']}: {r['reason']}"]  # the reason instead of a time
+    q = r["quantiles_s"]
+    row = head + [fmt.seconds(r["median_s"]), f"{fmt.seconds(q['p10'])} – {fmt.seconds(q['p90'])}"]
+    if wall_column:
+        row.append(fmt.seconds(r["times"]["wall"]["median_s"]))
+    row += [fmt.times(r["speedup_vs_eager"]), fmt.percent(r["frac_dense"]),
+            fmt.number(r["tflops"]), fmt.number(r["gbps"])]
+    if peak_columns:
+        row += [fmt.percent(r["frac_peak_flops"]), fmt.percent(r["frac_peak_bw"])]
+    return row
+
+
+def _heading(records: Sequence[Record]) -> str:
+    r = records[0]
+    clocks = sorted({x["clock"] for x in records if x["clock"]})
+    clock = ", ".join(CLOCK_NAMES.get(c, c) for c in clocks) or "nothing ran"
+    peak = next((x["peak"]["name"] for x in records if x.get("peak")), None)
+    return (f"### {r['device_name']} ({r['device']}), {r['dtype']}: {clock}\n\n"
+            f"torch {r['torch']} · triton {r['triton'] or fmt.DASH} · CUDA {r['cuda'] or fmt.DASH} · "
+            f"mtlfast {r['mtlfast'] or fmt.DASH} · git {r['git']} · {r['threads']} threads"
+            f"{f' · peaks of {peak}' if peak else ''}")
+
+
+def section(records: Sequence[Record]) -> str:
+    """Heading and table of records measured on one device in one dtype."""
+    wall_column = any(r["clock"] not in (None, "wall") for r in records)
+    peak_columns = any(r["frac_peak_bw"] is not None for r in records)
+    headers = ["op", "workload", "mode", "provider", "median", "p10 – p90"]
+    headers += ["wall median"] * wall_column
+    headers += ["vs eager", "of dense", "TFLOP/s", "GB/s"]
+    headers += ["% peak FLOP/s", "% peak BW"] * peak_columns
+    rows = [_row(r, wall_column, peak_columns) for r in _collapse(records)]
+    rows = [row + [""] * (len(headers) - len(row)) for row in rows]
+    return _heading(records) + "\n\n" + fmt.md_table(headers, rows)
+
+
+def markdown(records: Sequence[Record]) -> str:
+    """The full results table (sections in the order their device and dtype first appear)."""
+    sections: dict[tuple, list[Record]] = {}
+    for r in records:
+        sections.setdefault((r["device_name"], r["dtype"]), []).append(r)
+    if not sections:
+        return "(no results)"
+    legend = ("vs eager = eager median / median; of dense = dense median / median "
+              "(share of the unmasked matmul's throughput); TFLOP/s and GB/s from the median.")
+    return "\n\n".join([*(section(s) for s in sections.values()), legend])

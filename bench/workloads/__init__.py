@@ -1,0 +1,1 @@
+"""One module per op family; each calls :func:`bench.registry.register` on import."""

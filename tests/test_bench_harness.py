@@ -1,0 +1,219 @@
+"""Tests of the benchmark harness in bench/ (runs on CPU in seconds; on a GPU unchanged).
+
+The harness is exercised for real (``python -m bench`` on the ``tiny`` workload, quick rounds);
+the arithmetic is checked on hand-computed cases.  No timing is compared with a threshold.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an installed package
+    sys.path.insert(0, str(ROOT))
+
+from bench import cases, compare, envinfo, peaks, providers, records, report  # noqa: E402
+from bench.__main__ import main as bench_main  # noqa: E402
+from bench.runner import Runner, io_bytes, make_step  # noqa: E402
+from bench.workloads import masked_linear as ml  # noqa: E402
+
+REVISION = re.compile(r"^([0-9a-f]{7,40}(-dirty)?|unknown)$")
+TINY = {"tokens": 8, "in_features": 12, "out_features": 16}
+PROVIDERS = ["eager", "dense", "reference", "triton"]  # requested: reference, triton
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """``python -m bench`` on the tiny workload: its output folder, stdout and records."""
+    out = tmp_path_factory.mktemp("bench-out")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--workload", "tiny", "--quick", "--provider", "reference",
+         "--provider", "triton", "--out", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return {"out": out, "stdout": proc.stdout, "records": records.read_jsonl(out / "results.jsonl")}
+
+
+def _by(recs: list[dict], mode: str, provider: str) -> dict:
+    (hit,) = [r for r in recs if r["mode"] == mode and r["provider"] == provider]
+    return hit
+
+
+def test_every_line_is_a_record_with_every_field(run: dict) -> None:
+    lines = (run["out"] / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * len(PROVIDERS)
+    for line in lines:
+        rec = json.loads(line)
+        assert set(records.FIELDS) <= set(rec), set(records.FIELDS) - set(rec)
+        assert rec["schema"] == records.SCHEMA
+        assert rec["status"] in records.STATUSES
+        assert (rec["op"], rec["workload"]) == ("masked_linear", "tiny")
+        assert rec["torch"] == torch.__version__
+        assert rec["device"] == cases.default_device()
+        assert rec["dtype"] == cases.default_dtype(rec["device"])
+        assert REVISION.match(rec["git"])
+    assert sorted({r["provider"] for r in run["records"]}) == sorted(PROVIDERS)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_measured_records_are_sane(run: dict, mode: str) -> None:
+    recs = [r for r in run["records"] if r["mode"] == mode]
+    eager, dense = _by(recs, mode, "eager"), _by(recs, mode, "dense")
+    for name in ("eager", "dense", "reference"):
+        r = _by(recs, mode, name)
+        assert r["status"] == "ok", r["reason"]
+        q = r["quantiles_s"]
+        assert r["median_s"] > 0
+        assert 0 < q["p10"] <= q["p25"] <= q["p50"] <= q["p75"] <= q["p90"]
+        assert q["p50"] == r["median_s"]
+        assert r["rounds"] >= 3 and r["rounds"] == r["times"][r["clock"]]["rounds"]
+        assert r["clock"] == ("cuda_event" if r["device"] == "cuda" else "wall")
+        assert "wall" in r["times"]
+        assert r["speedup_vs_eager"] == pytest.approx(eager["median_s"] / r["median_s"], rel=1e-12)
+        assert r["frac_dense"] == pytest.approx(dense["median_s"] / r["median_s"], rel=1e-12)
+        assert r["tflops"] == pytest.approx(r["flops"] / r["median_s"] / 1e12, rel=1e-12)
+        assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9, rel=1e-12)
+    assert eager["speedup_vs_eager"] == 1.0 and dense["frac_dense"] == 1.0
+    assert _by(recs, mode, "reference")["rel_err"] < 1e-2
+    m, k, n = TINY["tokens"], TINY["in_features"], TINY["out_features"]
+    e = torch.finfo(getattr(torch, eager["dtype"])).bits // 8
+    fwd_bytes = (m * k + n * k + n + m * n) * e + n * k  # x, weight, bias, y; bool mask
+    grad_bytes = (m * n + m * k + n * k + n) * e  # dy in; dx, dweight, dbias out
+    assert eager["flops"] == 2 * m * k * n * (1 if mode == "fwd" else 3)
+    assert eager["bytes"] == fwd_bytes + (grad_bytes if mode == "fwd+bwd" else 0)
+
+
+def test_provider_that_cannot_run_has_a_reason(run: dict) -> None:
+    for mode in ("fwd", "fwd+bwd"):
+        triton = _by(run["records"], mode, "triton")
+        if triton["device"] == "cpu":
+            assert triton["status"] == "skipped"
+            assert triton["reason"] and triton["median_s"] is None and triton["speedup_vs_eager"] is None
+
+
+def test_report_table_and_png(run: dict, tmp_path: Path) -> None:
+    text = (run["out"] / "report.md").read_text()
+    assert text.strip() in run["stdout"]
+    for mode in ("fwd", "fwd+bwd"):
+        for name in PROVIDERS:
+            rows = [line for line in text.splitlines() if line.startswith(f"| masked_linear | tiny | {mode} | {name} |")]
+            assert len(rows) == 1, (mode, name)
+            triton = _by(run["records"], mode, "triton")
+            if name == "triton" and triton["status"] == "skipped":
+                assert f"skipped: {triton['reason']}" in rows[0]
+    import matplotlib.image
+
+    again = tmp_path / "again.png"
+    assert report.main([str(run["out"] / "results.jsonl"), "--png", str(again)]) == 0
+    for png in (run["out"] / "report.png", again):
+        image = matplotlib.image.imread(png)
+        assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_hand_computed_bytes_flops_and_fractions() -> None:
+    # masked_linear, 2 tokens, 3 -> 4, fp32 with bias: x 24 B, weight 48, mask 12, bias 16, y 32
+    params = {"tokens": 2, "in_features": 3, "out_features": 4, "density": 0.5}
+    args = ml.make_inputs(params, torch.device("cpu"), torch.float32, False, 0)
+    assert io_bytes(args, make_step(ml.eager, args, "fwd", 0)()) == 132
+    assert ml.flops(params, "fwd") == 48 and ml.flops(params, "fwd+bwd") == 144
+    assert records.throughput(48, 132, 1e-6) == pytest.approx((4.8e-5, 0.132))
+
+    # gemm 4096^3 in bf16 on an H100 SXM at a median of 200 us
+    h100 = peaks.lookup("NVIDIA H100 80GB HBM3")
+    assert h100 is not None and h100.name == "H100 SXM"
+    flops, nbytes = 2 * 4096 ** 3, (2 + 2 + 1 + 2) * 4096 ** 2  # x, weight, bool mask, y
+    base = records.base(op="masked_linear", workload="gemm-4096", mode="fwd", provider="triton",
+                        params={}, dtype="bfloat16", env={"device_name": "NVIDIA H100 80GB HBM3"})
+    rec = records.measured(base, samples={"wall": [3e-4, 4e-4, 5e-4], "cuda_event": [1e-4, 2e-4, 3e-4]},
+                           clock="cuda_event", flops=flops, nbytes=nbytes, peak=h100, rel_err=0.0)
+    assert rec["median_s"] == 2e-4 and rec["times"]["wall"]["median_s"] == 4e-4
+    assert rec["tflops"] == pytest.approx(687.19476736)
+    assert rec["gbps"] == pytest.approx(587.202560)
+    assert rec["frac_peak_flops"] == pytest.approx(687.19476736 / 989)
+    assert rec["frac_peak_bw"] == pytest.approx(587.202560 / 3350)
+    assert peaks.lookup("NVIDIA H100 PCIe").name == "H100 PCIe"
+    assert peaks.lookup("AMD EPYC 7B13") is None
+    assert records.fractions(1.0, 1.0, "float32", None) == (None, None)
+
+
+def test_summary_quantiles_and_speedups() -> None:
+    s = records.summarize([float(i) for i in range(10, 0, -1)])
+    assert s["median_s"] == 5.5 and s["min_s"] == 1 and s["max_s"] == 10 and s["rounds"] == 10
+    assert s["quantiles_s"] == pytest.approx({"p10": 1.9, "p25": 3.25, "p50": 5.5, "p75": 7.75, "p90": 9.1})
+    env = {"device_name": "cpu"}
+    recs = [{**records.base(op="o", workload="w", mode="fwd", provider=p, params={}, dtype="float32", env=env),
+             "status": "ok", "median_s": t} for p, t in (("eager", 4.0), ("dense", 1.0), ("triton", 2.0))]
+    out = {r["provider"]: r for r in records.finalize(recs)}
+    assert out["triton"]["speedup_vs_eager"] == 2.0 and out["triton"]["frac_dense"] == 0.5
+    assert out["eager"]["frac_dense"] == 0.25
+
+
+def _write(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps({"op": "masked_linear", "workload": "w", "mode": "fwd",
+                                        "device_name": "dev", "dtype": "float32", **r}) + "\n"
+                            for r in rows))
+    return path
+
+
+def test_compare_two_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    a = _write(tmp_path / "a.jsonl", [
+        {"provider": "eager", "status": "ok", "median_s": 2e-3},
+        {"provider": "triton", "status": "ok", "median_s": 1e-3},
+        {"provider": "cuda", "status": "skipped", "reason": "no GPU", "median_s": None}])
+    b = _write(tmp_path / "b.jsonl", [
+        {"provider": "eager", "status": "ok", "median_s": 1e-3},
+        {"provider": "triton", "status": "ok", "median_s": 4e-4},
+        {"provider": "cuda", "status": "ok", "median_s": 3e-4}])
+    ratios = {p.key[-1]: p.ratio for p in compare.pairs(records.read_jsonl(a), records.read_jsonl(b))}
+    assert ratios["eager"] == pytest.approx(0.5) and ratios["triton"] == pytest.approx(0.4)
+    assert ratios["cuda"] is None
+    assert report.main(["--compare", str(a), str(b)]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"\| masked_linear \| w \| fwd \| triton \| 1 ms \| 400 µs \| 0\.40× \|", text)
+    assert "| cuda | skipped: no GPU | 300 µs |" in text
+
+
+def test_wrong_result_is_an_error_not_a_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    def unmasked(name: str, spec: object, args: tuple, device: torch.device) -> providers.Built:
+        return providers.Built(ml.dense)  # forgets the mask, and is checked
+
+    monkeypatch.setattr(providers, "build", unmasked)
+    settings = cases.Settings.make(device="cpu", workloads=("tiny",), quick=True)
+    (case,) = [c for c in cases.select(settings) if c.provider == "reference" and c.mode == "fwd"]
+    rec = Runner(settings).run(case, types.SimpleNamespace(group=None, extra_info={}))
+    assert rec["status"] == "error" and "relative error" in rec["reason"]
+    assert rec["median_s"] is None
+
+
+def test_git_revision_format(tmp_path: Path) -> None:
+    assert REVISION.match(envinfo.git_revision())
+    assert envinfo.git_revision(tmp_path) == "unknown"
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    (tmp_path / "f.txt").write_text("1\n")
+    for cmd in (["init", "-q"], ["add", "f.txt"], ["commit", "-q", "-m", "x"]):
+        subprocess.run(git + cmd, cwd=tmp_path, check=True, capture_output=True)
+    clean = envinfo.git_revision(tmp_path)
+    assert re.fullmatch(r"[0-9a-f]{7,40}", clean)
+    (tmp_path / "f.txt").write_text("2\n")
+    assert envinfo.git_revision(tmp_path) == f"{clean}-dirty"
+
+
+def test_selection_keeps_baselines_and_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
+    settings = cases.Settings.make(device="cpu", workloads=("tiny",), providers=("triton",))
+    assert [c.provider for c in cases.select(settings) if c.mode == "fwd"] == ["eager", "dense", "triton"]
+    gemm = [w for w in cases.registry.workloads() if w.name == "gemm-4096"][0]
+    assert gemm.unsupported_reason("cpu") and gemm.unsupported_reason("cuda") is None
+    assert bench_main(["--workload", "no-such-workload"]) == 2
+    assert "no-such-workload" in capsys.readouterr().err
