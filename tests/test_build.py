@@ -10,9 +10,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NATIVE_WANTED = os.environ.get("MTLFAST_NATIVE", "1") != "0"
-pytestmark = pytest.mark.skipif(not NATIVE_WANTED, reason="MTLFAST_NATIVE=0: the native build was skipped on purpose")
+needs_native = pytest.mark.skipif(not NATIVE_WANTED, reason="MTLFAST_NATIVE=0: the native build was skipped on purpose")
 
 
+@needs_native
 def test_build_info_fields():
     from mtlfast import _C
     import mtlfast
@@ -27,6 +28,7 @@ def test_build_info_fields():
         assert info["cuda_archs"] == [] and info["cuda_version"] is None
 
 
+@needs_native
 def test_cuda_compiled_when_nvcc_present():
     from mtlfast import _C
     if shutil.which("nvcc") is None and not os.environ.get("CUDACXX"):
@@ -42,6 +44,7 @@ def test_cuda_compiled_when_nvcc_present():
     assert hasattr(_C, "masked_linear_forward")
 
 
+@needs_native
 def test_device_count_without_driver_is_zero_not_error():
     import torch
     from mtlfast import _C
@@ -61,3 +64,27 @@ def test_torch_cuda_arch_list_is_honoured(tmp_path):
                            f"-DPython_EXECUTABLE={sys.executable}"], check=True, env=env, capture_output=True,
                           text=True)
     assert "mtlfast: CUDA kernels ON, architectures 80-real;90" in done.stdout
+
+
+def test_package_works_without_native_module():
+    """What MTLFAST_NATIVE=0 leaves: no mtlfast._C. The reference (and Triton) still work, and the
+    native backends say why they cannot run."""
+    script = r"""
+import importlib.abc, sys
+class NoNative(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "mtlfast._C":
+            raise ImportError("mtlfast._C hidden for this test")
+sys.meta_path.insert(0, NoNative())
+import torch, mtlfast, mtlfast.functional as MF
+status = mtlfast.available_backends()
+assert status["reference"] is None, status
+assert "mtlfast._C is not built" in status["cpu"], status
+assert "mtlfast._C is not built" in status["cuda"] or "no CUDA device" in status["cuda"], status
+x, w, m = torch.randn(3, 8), torch.randn(5, 8), torch.rand(5, 8) < 0.5
+torch.testing.assert_close(MF.masked_linear(x, w, m), x @ (w * m).t())
+print("ok")
+"""
+    env = {**os.environ, "TRITON_INTERPRET": "0", "MTLFAST_BACKEND": ""}
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
