@@ -4,8 +4,11 @@
 #include <pybind11/stl.h>
 
 #include <cstdint>
+#include <type_traits>
 #include <string>
 #include <vector>
+
+#include "cpu/lstm_cell.h"
 
 #ifdef MTLFAST_WITH_CUDA
 #include <cuda_runtime.h>
@@ -73,10 +76,47 @@ int cuda_device_count() { return 0; }
 
 }  // namespace
 
+// CPU LSTM cell: dtype 0 = float32, 3 = float64 (csrc/cuda/dtype.h numbering).
+void lstm_cell_forward(int dtype, int64_t G, int64_t B, int64_t H, int64_t step, std::uintptr_t pre,
+                       std::uintptr_t lengths, std::uintptr_t h_state, std::uintptr_t c_state, std::uintptr_t hs,
+                       int64_t hs_sg, std::uintptr_t gates, int64_t gates_sg, std::uintptr_t cells, int64_t cells_sg) {
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mtlfast::cpu::lstm_cell_forward<T>(G, B, H, step, reinterpret_cast<const T*>(pre),
+                                       reinterpret_cast<const int64_t*>(lengths), reinterpret_cast<T*>(h_state),
+                                       reinterpret_cast<T*>(c_state), reinterpret_cast<T*>(hs), hs_sg,
+                                       reinterpret_cast<T*>(gates), gates_sg, reinterpret_cast<T*>(cells), cells_sg);
+  };
+  if (dtype == 0) run(static_cast<float*>(nullptr));
+  else if (dtype == 3) run(static_cast<double*>(nullptr));
+  else throw py::value_error("mtlfast._C.lstm_cell_forward: dtype must be 0 (float32) or 3 (float64)");
+}
+
+void lstm_cell_backward(int dtype, int64_t G, int64_t B, int64_t H, int64_t step, std::uintptr_t lengths,
+                        std::uintptr_t gates, int64_t gates_sg, std::uintptr_t cells, int64_t cells_sg,
+                        std::uintptr_t c_prev, int64_t c_prev_sg, std::uintptr_t dhs, int64_t dhs_sg,
+                        std::uintptr_t dh, std::uintptr_t dc, std::uintptr_t dgates, int64_t dgates_sg) {
+  auto run = [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mtlfast::cpu::lstm_cell_backward<T>(G, B, H, step, reinterpret_cast<const int64_t*>(lengths),
+                                        reinterpret_cast<const T*>(gates), gates_sg, reinterpret_cast<const T*>(cells),
+                                        cells_sg, reinterpret_cast<const T*>(c_prev), c_prev_sg,
+                                        reinterpret_cast<const T*>(dhs), dhs_sg, reinterpret_cast<const T*>(dh),
+                                        reinterpret_cast<T*>(dc), reinterpret_cast<T*>(dgates), dgates_sg);
+  };
+  if (dtype == 0) run(static_cast<float*>(nullptr));
+  else if (dtype == 3) run(static_cast<double*>(nullptr));
+  else throw py::value_error("mtlfast._C.lstm_cell_backward: dtype must be 0 (float32) or 3 (float64)");
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mtlfast native kernels (CPU and CUDA), framework-free";
   m.def("build_info", &build_info,
         "dict: version, cpu, cuda (CUDA kernels compiled), cuda_archs, cuda_version");
+  m.def("lstm_cell_forward", &lstm_cell_forward, py::call_guard<py::gil_scoped_release>(),
+        "One LSTM step for (G, B) rows on CPU (csrc/cpu/lstm_cell.h); pointers as integers");
+  m.def("lstm_cell_backward", &lstm_cell_backward, py::call_guard<py::gil_scoped_release>(),
+        "Backward of one LSTM step on CPU (csrc/cpu/lstm_cell.h); pointers as integers");
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to mtlfast._C (0 without a driver)");
 #ifdef MTLFAST_WITH_CUDA
   // Same arguments, same order as csrc/cuda/masked_linear.h; pointers and the stream as integers

@@ -1,2 +1,4 @@
-"""Drop-in modules: ``import mtlfast.nn as mnn``. (Filled by the op-family issues.)"""
-__all__: list = []
+"""Drop-in modules: ``import mtlfast.nn as mnn``."""
+from mtlfast.nn.sparse_sharing import SparseSharingLSTM
+
+__all__ = ["SparseSharingLSTM"]

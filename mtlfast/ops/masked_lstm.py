@@ -1,0 +1,252 @@
+"""Grouped masked LSTM layer: the op behind sparse sharing (and, later, sluice networks).
+
+G groups run together in one call. Group g reads its own input x[g], uses the weight set
+``weight_index[g]`` (one shared base set for sparse sharing, one per task for sluice networks)
+with mask ``mask_index[g]`` (-1: unmasked), and runs forward or, when ``reverse[g]``, backward in
+time within each sequence's length, like a packed sequence: padded steps leave the state alone and
+output zeros. The directions of a bidirectional layer are groups too, so every task and both
+directions of a layer run in the same launches.
+
+- ``masked_lstm_layer_reference``: a per-group, per-step loop with autograd; the oracle.
+- Fast paths: one orchestration (``_MaskedLSTMLayer``: reverse, project every step and group with
+  one masked GEMM, recur, and in backward one masked GEMM each for dW_ih, dW_hh and dx) over a
+  backend's kernels: ``masked_lstm_cpu`` (batched BLAS + a native cell; CPU) or Triton (GPU).
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Optional, Tuple
+
+import torch
+
+from mtlfast import _checks, backends
+from mtlfast.bitmask import packed_mask
+
+OP = "masked_lstm"
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared pieces
+
+def reverse_within_lengths(seq: torch.Tensor, lengths: torch.Tensor, reverse: torch.Tensor) -> torch.Tensor:
+    """seq (G, T, B, ...) -> for groups with reverse[g], each row's first lengths[g, b] steps in
+    reverse order (the rest left in place); other groups unchanged. Its own inverse."""
+    G, T, B = seq.shape[:3]
+    t = torch.arange(T, device=seq.device).view(1, T, 1)
+    lens = lengths.view(G, 1, B)
+    flip = reverse.view(G, 1, 1) & (t < lens)
+    index = torch.where(flip, lens - 1 - t, t)
+    index = index.view(G, T, B, *([1] * (seq.dim() - 3))).expand_as(seq)
+    return torch.gather(seq, 1, index)
+
+
+def _gate_step(pre: torch.Tensor, c: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    i, f, g, o = pre.chunk(4, dim=-1)
+    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    return torch.sigmoid(o) * torch.tanh(c), c
+
+
+def masked_lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh,
+                                mask_index, lengths, reverse):
+    """One LSTM layer for G groups, plain PyTorch (any device, autograd).
+
+    Args:
+        x: (G, T, B, I). h0, c0: (G, B, H). w_ih: (S, 4H, I); w_hh: (S, 4H, H); b_ih, b_hh: (S, 4H) or None.
+        weight_index: (G,) int64 into S. masks_ih: (P, 4H, I) bool or None; masks_hh: (P, 4H, H) bool
+        or None; mask_index: (G,) int64 into P, -1 for an unmasked group. lengths: (G, B) int64 (≤ T).
+        reverse: (G,) bool.
+    Returns:
+        y (G, T, B, H) in x's dtype (zeros at padded steps), h_n and c_n (G, B, H).
+    """
+    xs = reverse_within_lengths(x, lengths, reverse)
+    outs, h_n, c_n = [], [], []
+    for g in range(x.shape[0]):
+        wi, mi = int(weight_index[g]), int(mask_index[g])
+        w_x, w_h = w_ih[wi], w_hh[wi]
+        if mi >= 0:
+            w_x = w_x * masks_ih[mi] if masks_ih is not None else w_x
+            w_h = w_h * masks_hh[mi] if masks_hh is not None else w_h
+        bias = 0
+        if b_ih is not None:
+            bias = b_ih[wi] + b_hh[wi]
+        h, c = h0[g], c0[g]
+        ys = []
+        for s in range(x.shape[1]):
+            h_new, c_new = _gate_step(xs[g, s] @ w_x.t() + h @ w_h.t() + bias, c)
+            active = (lengths[g] > s).unsqueeze(-1)
+            h, c = torch.where(active, h_new, h), torch.where(active, c_new, c)
+            ys.append(torch.where(active, h_new, torch.zeros_like(h_new)))
+        outs.append(torch.stack(ys))
+        h_n.append(h)
+        c_n.append(c)
+    y = reverse_within_lengths(torch.stack(outs), lengths, reverse)
+    return y, torch.stack(h_n), torch.stack(c_n)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fast path: one orchestration over a backend's kernels
+
+_KERNEL_MODULES = {"cpu": "mtlfast.ops.masked_lstm_cpu", "triton": "mtlfast.ops.masked_lstm_triton"}
+
+
+def _kernels(backend: str):
+    return importlib.import_module(_KERNEL_MODULES[backend])
+
+
+def _group_sum(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -> torch.Tensor:
+    """Per-group gradients (G, ...) summed into their weight sets (S, ...): a shared weight's
+    gradient is Σ_t M_t ⊙ grad_t."""
+    out = grads.new_zeros((num_sets, *grads.shape[1:]))
+    return out.index_add_(0, weight_index, grads)
+
+
+class _MaskedLSTMLayer(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh,
+                mask_index, lengths, reverse):
+        k = _kernels(backend)
+        G, T, B, _ = x.shape
+        H = w_hh.shape[-1]
+        ih = k.prepare(w_ih, weight_index, masks_ih, mask_index)
+        hh = k.prepare(w_hh, weight_index, masks_hh, mask_index)
+        acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # state and accumulation
+        bias = (b_ih + b_hh).to(acc).index_select(0, weight_index) if b_ih is not None else None
+        xs = reverse_within_lengths(x, lengths, reverse)
+        xproj = k.project(xs.reshape(G, T * B, -1), ih, bias).view(G, T, B, 4 * H)
+        hs, h_n, c_n, gates, cells = k.forward_recurrence(xproj, h0.to(acc), c0.to(acc), hh, lengths)
+        ctx.save_for_backward(xs, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths, reverse, hs,
+                              gates, cells)
+        ctx.backend, ctx.ih, ctx.hh, ctx.has_bias = backend, ih, hh, b_ih is not None
+        y = reverse_within_lengths(hs, lengths, reverse).to(x.dtype)
+        return y, h_n.to(x.dtype), c_n.to(x.dtype)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy, dh_n, dc_n):
+        xs, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths, reverse, hs, gates, cells = ctx.saved_tensors
+        k = _kernels(ctx.backend)
+        G, T, B, _ = xs.shape
+        H = w_hh.shape[-1]
+        acc = gates.dtype
+        dhs = reverse_within_lengths(dy.to(acc), lengths, reverse)
+        dgates, dh0, dc0 = k.backward_recurrence(dhs, dh_n.to(acc), dc_n.to(acc), gates, cells,
+                                                 c0.to(acc), ctx.hh, lengths)
+        dg = dgates.view(G, T * B, 4 * H)
+        # h entering step s: h0 at s = 0, else h after step s-1 (rows inactive at s have dgates 0)
+        h_prev = torch.cat((h0.to(acc).unsqueeze(1), hs[:, :-1]), dim=1).view(G, T * B, H)
+        need = ctx.needs_input_grad
+        dx = dw_ih = dw_hh = db = None
+        if need[1]:
+            dx = reverse_within_lengths(k.grad_input(dg, ctx.ih).view(G, T, B, -1), lengths, reverse)
+            dx = dx.to(xs.dtype)
+        if need[4]:
+            dw_ih = _group_sum(k.grad_weight(dg, xs.view(G, T * B, -1), ctx.ih), weight_index,
+                               w_ih.shape[0]).to(w_ih.dtype)
+        if need[5]:
+            dw_hh = _group_sum(k.grad_weight(dg, h_prev, ctx.hh), weight_index, w_hh.shape[0]).to(w_hh.dtype)
+        if ctx.has_bias and (need[6] or need[7]):
+            db = _group_sum(dgates.sum(dim=(1, 2)), weight_index, w_ih.shape[0]).to(w_ih.dtype)
+        return (None, dx, dh0.to(h0.dtype) if need[2] else None, dc0.to(c0.dtype) if need[3] else None,
+                dw_ih, dw_hh, db if need[6] else None, db if need[7] else None,
+                None, None, None, None, None, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Dispatch and the public entry point
+
+DISPATCH = backends.register_op(backends.Op(
+    OP, device_of=lambda x, *rest: x.device, selection_key=lambda x, *rest: (x.device, x.dtype),
+    # The batched-PyTorch path wins on CPU over the reference's per-group loop.
+    preference={"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}))
+
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@DISPATCH.supports("reference")
+def _reference_supports(x, *rest) -> backends.Reason:
+    return None
+
+
+@DISPATCH.supports("cpu")
+def _cpu_supports(x, *rest) -> backends.Reason:
+    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+        return f"the cpu masked_lstm takes floating point input, got {x.dtype}"
+    return None
+
+
+@DISPATCH.supports("triton")
+def _triton_supports(x, *rest) -> backends.Reason:
+    if x.dtype not in _TRITON_DTYPES:
+        return f"triton masked_lstm takes float16, bfloat16 or float32, got {x.dtype}"
+    try:
+        _kernels("triton")
+    except ImportError as exc:
+        return f"the Triton masked_lstm kernels are not available ({exc})"
+    return None
+
+
+def _validate(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse):
+    x = _checks.tensor(OP, "x", x, ndim=4, dtypes=_checks.FLOAT_DTYPES)
+    G, T, B, I = x.shape
+    w_ih = _checks.tensor(OP, "w_ih", w_ih, ndim=3, dtypes=(x.dtype,))
+    S, H4 = w_ih.shape[:2]
+    if H4 % 4:
+        raise ValueError(f"{OP}: argument 'w_ih' must have 4*hidden rows, got shape {tuple(w_ih.shape)}")
+    H = H4 // 4
+    _checks.shape(OP, "w_ih", w_ih, (S, 4 * H, I), "(weight sets, 4*hidden, input size of x)")
+    _checks.tensor(OP, "w_hh", w_hh, ndim=3, dtypes=(x.dtype,))
+    _checks.shape(OP, "w_hh", w_hh, (S, 4 * H, H), "(weight sets, 4*hidden, hidden)")
+    for name, value in (("h0", h0), ("c0", c0)):
+        _checks.tensor(OP, name, value, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+        _checks.shape(OP, name, value, (G, B, H), "(groups, batch, hidden)")
+    for name, value in (("b_ih", b_ih), ("b_hh", b_hh)):
+        if value is not None:
+            _checks.tensor(OP, name, value, dtypes=(x.dtype,))
+            _checks.shape(OP, name, value, (S, 4 * H), "(weight sets, 4*hidden)")
+    _checks.tensor(OP, "weight_index", weight_index, dtypes=(torch.int64,))
+    _checks.shape(OP, "weight_index", weight_index, (G,), "one weight set per group")
+    _checks.tensor(OP, "mask_index", mask_index, dtypes=(torch.int64,))
+    _checks.shape(OP, "mask_index", mask_index, (G,), "one mask per group, -1 for none")
+    for name, value, cols in (("masks_ih", masks_ih, I), ("masks_hh", masks_hh, H)):
+        if value is not None:
+            _checks.tensor(OP, name, value, ndim=3, dtypes=(torch.bool,))
+            _checks.shape(OP, name, value, (value.shape[0], 4 * H, cols), "(masks, 4*hidden, columns)")
+    _checks.tensor(OP, "lengths", lengths, dtypes=(torch.int64,))
+    _checks.shape(OP, "lengths", lengths, (G, B), "(groups, batch)")
+    _checks.tensor(OP, "reverse", reverse, dtypes=(torch.bool,))
+    _checks.shape(OP, "reverse", reverse, (G,), "one direction flag per group")
+    for name, value in (("h0", h0), ("c0", c0), ("w_ih", w_ih), ("w_hh", w_hh), ("b_ih", b_ih),
+                        ("b_hh", b_hh), ("weight_index", weight_index), ("masks_ih", masks_ih),
+                        ("masks_hh", masks_hh), ("mask_index", mask_index), ("lengths", lengths),
+                        ("reverse", reverse)):
+        if value is not None:
+            _checks.same_device(OP, "x", x, name, value)
+    # Index ranges need host values; small (G,) and (G, B) tensors, checked once per layer call.
+    if G and (int(weight_index.min()) < 0 or int(weight_index.max()) >= S):
+        raise ValueError(f"{OP}: argument 'weight_index' must be in [0, {S}), got {weight_index.tolist()}")
+    num_masks = max((m.shape[0] for m in (masks_ih, masks_hh) if m is not None), default=0)
+    if G and (int(mask_index.min()) < -1 or int(mask_index.max()) >= num_masks):
+        raise ValueError(f"{OP}: argument 'mask_index' must be in [-1, {num_masks}), got {mask_index.tolist()}")
+    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > T):
+        raise ValueError(f"{OP}: argument 'lengths' must be in [0, {T}] (T = x.shape[1]), "
+                         f"got min {int(lengths.min())} and max {int(lengths.max())}")
+
+
+def masked_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor,
+                      w_hh: torch.Tensor, b_ih: Optional[torch.Tensor], b_hh: Optional[torch.Tensor],
+                      weight_index: torch.Tensor, masks_ih: Optional[torch.Tensor],
+                      masks_hh: Optional[torch.Tensor], mask_index: torch.Tensor, lengths: torch.Tensor,
+                      reverse: torch.Tensor):
+    """One LSTM layer for G groups at once; arguments and returns as
+    :func:`masked_lstm_layer_reference`. Gradients of w_ih / w_hh are Σ over the groups using
+    a weight set of mask ⊙ that group's gradient."""
+    _validate(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse)
+    backend = DISPATCH.select(x)
+    if backend == "reference":
+        return masked_lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih,
+                                           masks_hh, mask_index, lengths, reverse)
+    if _kernels(backend).MASK_FORMAT == "bits":
+        masks_ih = packed_mask(masks_ih) if masks_ih is not None else None
+        masks_hh = packed_mask(masks_hh) if masks_hh is not None else None
+    return _MaskedLSTMLayer.apply(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih,
+                                  masks_hh, mask_index, lengths, reverse)
