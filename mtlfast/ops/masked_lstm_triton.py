@@ -1,0 +1,47 @@
+"""The grouped masked LSTM's kernel interface (see masked_lstm_cpu.py) on the Triton kernels of
+mtlfast/triton_kernels/masked_lstm.py: masks stay bit-packed and the masked weights are never
+materialised; each step is one launch for every group."""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+from mtlfast.triton_kernels import masked_lstm as K
+
+MASK_FORMAT = "bits"
+
+
+class Weights(NamedTuple):
+    weight: torch.Tensor                 # (S, N, K)
+    weight_index: torch.Tensor           # (G,)
+    bits: Optional[torch.Tensor]         # (P, N, ceil(K/32)) int32 or None
+    mask_index: torch.Tensor             # (G,), -1 = unmasked
+
+
+def prepare(weight, weight_index, bits, mask_index) -> Weights:
+    return Weights(weight, weight_index, bits, mask_index)
+
+
+def project(x: torch.Tensor, w: Weights, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return K.grouped_masked_matmul(x, w.weight, w.weight_index, w.bits, w.mask_index, bias=bias,
+                                   out_dtype=torch.float32)
+
+
+def grad_input(dy: torch.Tensor, w: Weights) -> torch.Tensor:
+    # dgates are fp32; the GEMM runs in the weights' dtype with fp32 accumulation, as cuDNN does
+    return K.grouped_masked_matmul_grad_input(dy.to(w.weight.dtype), w.weight, w.weight_index, w.bits,
+                                              w.mask_index)
+
+
+def grad_weight(dy: torch.Tensor, x: torch.Tensor, w: Weights) -> torch.Tensor:
+    return K.grouped_masked_matmul_grad_weight(dy.to(w.weight.dtype), x.to(w.weight.dtype), w.bits, w.mask_index)
+
+
+def forward_recurrence(xproj, h0, c0, w: Weights, lengths):
+    return K.forward_recurrence(xproj, h0, c0, w.weight, w.weight_index, w.bits, w.mask_index, lengths)
+
+
+def backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w: Weights, lengths):
+    return K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w.weight, w.weight_index, w.bits,
+                                 w.mask_index, lengths)
