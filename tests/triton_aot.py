@@ -19,14 +19,23 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-# (kernel module, autotuned kernel name, pointer args that hold int32 mask words)
+# Pointer args that are not of the data dtype: int32 mask words, int64 indices and lengths.
+INDEX_POINTERS = {"bits_ptr": "*i32", "wi_ptr": "*i64", "mi_ptr": "*i64", "len_ptr": "*i64"}
+ML, LSTM = "mtlfast.triton_kernels.masked_linear", "mtlfast.triton_kernels.masked_lstm"
+# (kernel module, autotuned kernel name, the strides that are 1 for contiguous inputs: the JIT
+# specialises those to the constant 1, so they are compiled that way here too)
 KERNELS = [
-    ("mtlfast.triton_kernels.masked_linear", "_forward_kernel", {"bits_ptr"}),
-    ("mtlfast.triton_kernels.masked_linear", "_grad_input_kernel", {"bits_ptr"}),
-    ("mtlfast.triton_kernels.masked_linear", "_grad_weight_kernel", {"bits_ptr"}),
+    (ML, "_forward_kernel", {"stride_xk", "stride_wk", "stride_on"}),
+    (ML, "_grad_input_kernel", {"stride_dn", "stride_wk", "stride_xk"}),
+    (ML, "_grad_weight_kernel", {"stride_dn", "stride_xk", "stride_wk"}),
+    (LSTM, "_grouped_forward_kernel", {"stride_xk", "stride_wk", "stride_bb", "stride_on"}),
+    (LSTM, "_grouped_grad_input_kernel", {"stride_dn", "stride_wk", "stride_xk"}),
+    (LSTM, "_grouped_grad_weight_kernel", {"stride_dn", "stride_xk", "stride_wk"}),
+    (LSTM, "_forward_step_kernel", {"stride_wk", "stride_xn", "stride_lb"}),
+    (LSTM, "_backward_step_kernel", {"stride_wk", "stride_dh", "stride_lb"}),
 ]
 # Flags a launcher may set, with the value used here (and INT64 both ways below).
-FLAG_DEFAULTS = {"HAS_BIAS": True, "INT64": False, "UPCAST": False}
+FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_MASK": True, "INT64": False, "UPCAST": False}
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory per block on A100 / H100
 
 
@@ -53,7 +62,7 @@ def compile_one(job: dict) -> dict:
     module = importlib.import_module(job["module"])
     tuned = getattr(module, job["kernel"])
     fn = tuned.fn
-    signature, constexprs = {}, {}
+    signature, constexprs, attrs = {}, {}, {}
     for i, param in enumerate(fn.params):
         name = param.name
         if param.is_constexpr:
@@ -62,15 +71,19 @@ def compile_one(job: dict) -> dict:
                 constexprs[(i,)] = job["constants"][name]
             elif param.has_default:
                 constexprs[(i,)] = param.default
+        elif name in job["unit_strides"]:
+            signature[name] = "constexpr"
+            constexprs[(i,)] = 1
         elif name.endswith("_ptr"):
-            signature[name] = "*i32" if name in job["int_ptrs"] else f"*{TRITON_DTYPES[job['dtype']]}"
+            signature[name] = INDEX_POINTERS.get(name, f"*{TRITON_DTYPES[job['dtype']]}")
+            attrs[(i,)] = [["tt.divisibility", 16]]     # torch allocations are 16-byte aligned
         else:
             signature[name] = "i64" if job["constants"].get("INT64") else "i32"
     result = {k: job[k] for k in ("kernel", "dtype", "arch")}
     result["config"] = {k: v for k, v in job["constants"].items() if k.startswith("BLOCK")} | {
         "num_warps": job["num_warps"], "num_stages": job["num_stages"], "INT64": job["constants"]["INT64"]}
     try:
-        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+        compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs),
                                   target=GPUTarget("cuda", job["arch"], 32),
                                   options={"num_warps": job["num_warps"], "num_stages": job["num_stages"]})
     except Exception as exc:  # reported, the test fails on it
@@ -85,7 +98,7 @@ def compile_one(job: dict) -> dict:
 
 def jobs(all_configs: bool) -> list[dict]:
     out = []
-    for module_name, kernel, int_ptrs in KERNELS:
+    for module_name, kernel, unit_strides in KERNELS:
         import importlib
         module = importlib.import_module(module_name)
         tuned = getattr(module, kernel)
@@ -102,7 +115,7 @@ def jobs(all_configs: bool) -> list[dict]:
                 for config in configs:
                     for int64 in ((False, True) if config is kept[0] and dtype == "bfloat16" else (False,)):
                         constants = {**flags, **config.kwargs, "PRECISION": precision, "INT64": int64}
-                        out.append(dict(module=module_name, kernel=kernel, int_ptrs=sorted(int_ptrs), dtype=dtype,
+                        out.append(dict(module=module_name, kernel=kernel, unit_strides=sorted(unit_strides), dtype=dtype,
                                         arch=arch, constants=constants, num_warps=config.num_warps,
                                         num_stages=config.num_stages))
     return out

@@ -47,25 +47,26 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
-def _keep_bits_kn(bits_ptr, stride_bits, k0, offs_n, N, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
-    """Keep-flags (BLOCK_K, BLOCK_N) of weights (offs_n, k0 + [0, BLOCK_K)), from BLOCK_K/32
-    words per row; k0 is a multiple of 32 so word and tile boundaries agree."""
+def _keep_bits_kn(bits_ptr, stride_bits, k0, offs_n, N, K, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Keep-flags (BLOCK_K, BLOCK_N) of weights (offs_n, k0 + [0, BLOCK_K)) of an (N, K) mask, from
+    BLOCK_K/32 words per row; k0 is a multiple of 32 so word and tile boundaries agree. Words past
+    the row's ceil(K/32) are not read (a tail tile would otherwise run off the last row)."""
     WORDS: tl.constexpr = BLOCK_K // 32
     offs_w = k0 // 32 + tl.arange(0, WORDS)
     words = tl.load(bits_ptr + offs_n[None, :] * stride_bits + offs_w[:, None],
-                    mask=offs_n[None, :] < N, other=0)                    # (WORDS, BLOCK_N)
+                    mask=(offs_n[None, :] < N) & (offs_w[:, None] * 32 < K), other=0)   # (WORDS, BLOCK_N)
     shifts = tl.arange(0, 32)
     keep = (words[:, None, :] >> shifts[None, :, None]) & 1                # (WORDS, 32, BLOCK_N)
     return tl.reshape(keep, (BLOCK_K, BLOCK_N)) != 0
 
 
 @triton.jit
-def _keep_bits_nk(bits_ptr, stride_bits, k0, offs_n, N, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _keep_bits_nk(bits_ptr, stride_bits, k0, offs_n, N, K, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """As _keep_bits_kn, laid out (BLOCK_N, BLOCK_K)."""
     WORDS: tl.constexpr = BLOCK_K // 32
     offs_w = k0 // 32 + tl.arange(0, WORDS)
     words = tl.load(bits_ptr + offs_n[:, None] * stride_bits + offs_w[None, :],
-                    mask=offs_n[:, None] < N, other=0)                    # (BLOCK_N, WORDS)
+                    mask=(offs_n[:, None] < N) & (offs_w[None, :] * 32 < K), other=0)   # (BLOCK_N, WORDS)
     shifts = tl.arange(0, 32)
     keep = (words[:, :, None] >> shifts[None, None, :]) & 1                # (BLOCK_N, WORDS, 32)
     return tl.reshape(keep, (BLOCK_N, BLOCK_K)) != 0
@@ -118,7 +119,7 @@ def _forward_kernel(x_ptr, stride_xm, stride_xk, w_ptr, stride_wn, stride_wk, bi
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
         w = tl.load(w_ptr + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
                     mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)   # (BLOCK_K, BLOCK_N)
-        keep = _keep_bits_kn(bits_ptr, stride_bits, k0, offs_n, N, BLOCK_K, BLOCK_N)
+        keep = _keep_bits_kn(bits_ptr, stride_bits, k0, offs_n, N, K, BLOCK_K, BLOCK_N)
         w = tl.where(keep, w, tl.zeros_like(w))
         acc = _dot(x, w, acc, PRECISION, UPCAST)
     if HAS_BIAS:
@@ -153,7 +154,7 @@ def _grad_input_kernel(dy_ptr, stride_dm, stride_dn, w_ptr, stride_wn, stride_wk
                      mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)   # (BLOCK_N, BLOCK_K)
-        keep = _keep_bits_nk(bits_ptr, stride_bits, k0, offs_n, N, BLOCK_N, BLOCK_K)
+        keep = _keep_bits_nk(bits_ptr, stride_bits, k0, offs_n, N, K, BLOCK_N, BLOCK_K)
         w = tl.where(keep, w, tl.zeros_like(w))
         acc = _dot(dy, w, acc, PRECISION, UPCAST)
     tl.store(dx_ptr + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
@@ -190,7 +191,7 @@ def _grad_weight_kernel(dy_ptr, stride_dm, stride_dn, x_ptr, stride_xm, stride_x
         acc = _dot(dy_t, x, acc, PRECISION, UPCAST)
         if HAS_BIAS:
             bias_acc += tl.sum(dy_t.to(tl.float32), axis=1)
-    keep = _keep_bits_nk(bits_ptr, stride_bits, k0, offs_n, N, BLOCK_N, BLOCK_K)
+    keep = _keep_bits_nk(bits_ptr, stride_bits, k0, offs_n, N, K, BLOCK_N, BLOCK_K)
     acc = tl.where(keep, acc, 0.0)
     tl.store(dw_ptr + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
              acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))

@@ -1,0 +1,586 @@
+"""Triton kernels for the grouped masked LSTM: G groups (task × direction) of one shared LSTM,
+each with its own weight set and bit-packed mask, run in the same launches.
+
+Shapes: G groups, S weight sets, P masks, T steps (step-major; the caller reversed the reverse
+groups), B batch rows, H hidden, gates in torch.nn.LSTM order (i, f, g, o). ``weight_index[g]``
+picks group g's weight set, ``mask_index[g]`` its mask (-1: unmasked); both are contiguous int64.
+Masks are read bit-packed and applied to weight tiles in registers (as in masked_linear.py), so
+``W ⊙ M`` never exists in memory.
+
+The recurrences run one launch per step for all groups. Each launch reads the state the previous
+one wrote and writes the other of two buffers (ping-pong), so no launch reads what it writes and
+a step needs no grid-wide synchronisation. Launch helpers allocate the outputs; autograd and the
+step loop's callers live in mtlfast/ops/masked_lstm.py.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from mtlfast.triton_kernels import masked_linear as _ml
+from mtlfast.triton_kernels.masked_linear import (_INTERPRET, _configs, _dot, _grouped_tile, _keep_bits_kn,
+                                                  _keep_bits_nk, _needs_int64, _precision, _prune, _upcast)
+
+# ---------------------------------------------------------------------------------------------
+# Autotune candidates of the per-step kernels, (BLOCK_B, BLOCK_H, BLOCK_K or BLOCK_N, stages, warps).
+#
+# A step is a small GEMM (B × H by H × 4H) on the critical path of a sequential loop, so what
+# matters is latency, not tensor-core throughput:
+# - hidden 200 / batch 10 (G a few groups): the whole step's work is ~0.2 MFLOP per group and the
+#   launch itself (~3-5 µs) dominates. Small hidden tiles give 7-13 programs per group, each with
+#   a short serial K loop and few warps, so the step ends as soon as possible; BLOCK_B = 16 is the
+#   smallest batch tile tl.dot takes (mma.sync m16; wgmma's m64 would pad the batch of 10 6x).
+#   H = 200 rows are not 16-aligned, so weight loads are scalar and cannot go through cp.async:
+#   pipelined tiles wait in registers, and 64-deep K tiles spill (ptxas stack ~600 B on sm_90),
+#   32-deep ones with 2 stages do not.
+# - hidden 1024 / batch 64: each step reads all 4H·H weights of every group (8 MiB per group in
+#   bf16), so it is bound by weight bandwidth. BLOCK_B = 64 covers the whole batch, so every
+#   weight is read once per step, and 32-wide hidden tiles give 32 programs per group (~132 SMs
+#   busy from G = 4 on), with 3-4 stages of 64-deep K tiles (aligned: cp.async) in flight.
+_FORWARD_STEP_SHAPES = [(16, 16, 32, 2, 2), (16, 32, 32, 2, 4), (32, 32, 32, 2, 4), (64, 32, 64, 4, 4),
+                        (64, 64, 64, 3, 8), (64, 32, 128, 3, 4)]
+# The backward step reduces over 4H rows of the weight instead of H columns: the hidden tile is
+# the mask word axis there (BLOCK_H a multiple of 32), and the reduction is 4x longer, so deeper
+# reduction tiles pay off sooner; it holds one accumulator instead of four, so 64-deep tiles fit
+# in registers even unaligned.
+_BACKWARD_STEP_SHAPES = [(16, 32, 64, 2, 4), (16, 32, 128, 3, 4), (32, 32, 64, 2, 4), (64, 32, 64, 4, 4),
+                         (64, 64, 64, 3, 8), (64, 32, 128, 3, 4)]
+
+
+def _step_configs(reduction: str, shapes):
+    """kwargs in (rows, cols, reduction) order, like masked_linear's configs; one config under the
+    interpreter, which would otherwise time every candidate (and its timings mean nothing)."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, reduction: 32}, num_warps=4)]
+    return [triton.Config({"BLOCK_B": b, "BLOCK_H": h, reduction: r}, num_stages=s, num_warps=w)
+            for b, h, r, s, w in shapes]
+
+
+def fits_shared_memory(config, element_bytes: int) -> bool:
+    """masked_linear's estimate; the forward step (BLOCK_H with BLOCK_K) stages one h tile and
+    four weight tiles (one per gate) per K step. tests/triton_aot.py calls this for every kernel
+    of this module."""
+    kw = config.kwargs
+    if "BLOCK_H" in kw and "BLOCK_K" in kw:
+        per_stage = kw["BLOCK_B"] * kw["BLOCK_K"] + 4 * kw["BLOCK_K"] * kw["BLOCK_H"]
+        return config.num_stages * per_stage * element_bytes <= _ml._SHARED_BUDGET
+    return _ml.fits_shared_memory(config, element_bytes)
+
+
+def _prune_step(configs, named_args, **kwargs):
+    # w_ptr comes first in both step kernels: the dot operands have the weight's dtype.
+    element_bytes = named_args["w_ptr"].element_size()
+    kept = [c for c in configs if fits_shared_memory(c, element_bytes)]
+    return kept or configs[-1:]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared jit helpers
+
+@triton.jit
+def _tanh(x):
+    # libdevice.tanh does not exist under the interpreter; exp of a non-positive argument cannot
+    # overflow, and the absolute error stays at fp32 rounding level near 0.
+    t = tl.exp(-2.0 * tl.abs(x))
+    y = (1.0 - t) / (1.0 + t)
+    return tl.where(x < 0, -y, y)
+
+
+@triton.jit
+def _group_mask(bits_ptr, stride_bp, mi_ptr, g, N):
+    """(bits of group g's mask, row limit, unmasked). An unmasked group (mask_index -1) gets a row
+    limit of 0, so the _keep_bits_* loads are predicated off and read nothing; `unmasked` then
+    keeps every weight."""
+    mi = tl.load(mi_ptr + g)
+    unmasked = mi < 0
+    return bits_ptr + tl.maximum(mi, 0) * stride_bp, tl.where(unmasked, 0, N), unmasked
+
+
+# ---------------------------------------------------------------------------------------------
+# Grouped masked GEMMs (input projections and their gradients). Grid: (tiles of one group, G).
+
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"), key=["M", "N", "K", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _grouped_forward_kernel(x_ptr, stride_xg, stride_xm, stride_xk,
+                            w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
+                            bits_ptr, stride_bp, stride_bn, mi_ptr,
+                            bias_ptr, stride_bg, stride_bb,
+                            out_ptr, stride_og, stride_om, stride_on, M, N, K,
+                            HAS_BIAS: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+                            UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8, HAS_MASK: tl.constexpr = True):
+    """out[g] (M, N) = x[g] (M, K) @ (W[wi[g]] ⊙ M[mi[g]])^T + bias[g]."""
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    g = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    if INT64:
+        g = g.to(tl.int64)
+        offs_m = offs_m.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+    x_g = x_ptr + g * stride_xg
+    w_g = w_ptr + tl.load(wi_ptr + g) * stride_ws
+    if HAS_MASK:
+        bits_g, mask_rows, unmasked = _group_mask(bits_ptr, stride_bp, mi_ptr, g, N)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_g + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        w = tl.load(w_g + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                    mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)   # (BLOCK_K, BLOCK_N)
+        w = w.to(x.dtype)
+        if HAS_MASK:
+            keep = _keep_bits_kn(bits_g, stride_bn, k0, offs_n, mask_rows, K, BLOCK_K, BLOCK_N)
+            w = tl.where(keep | unmasked, w, tl.zeros_like(w))
+        acc = _dot(x, w, acc, PRECISION, UPCAST)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + g * stride_bg + offs_n * stride_bb, mask=offs_n < N, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
+    tl.store(out_ptr + g * stride_og + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
+             acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
+
+
+@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_K", "BLOCK_N"), key=["M", "N", "K", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _grouped_grad_input_kernel(dy_ptr, stride_dg, stride_dm, stride_dn,
+                               w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
+                               bits_ptr, stride_bp, stride_bn, mi_ptr,
+                               dx_ptr, stride_xg, stride_xm, stride_xk, M, N, K,
+                               INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                               GROUP_M: tl.constexpr = 8, HAS_MASK: tl.constexpr = True):
+    """dx[g] (M, K) = dy[g] (M, N) @ (W[wi[g]] ⊙ M[mi[g]]) (N, K); the reduction runs over N."""
+    pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
+    g = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if INT64:
+        g = g.to(tl.int64)
+        offs_m = offs_m.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    dy_g = dy_ptr + g * stride_dg
+    w_g = w_ptr + tl.load(wi_ptr + g) * stride_ws
+    if HAS_MASK:
+        bits_g, mask_rows, unmasked = _group_mask(bits_ptr, stride_bp, mi_ptr, g, N)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if INT64:
+            offs_n = offs_n.to(tl.int64)
+        dy = tl.load(dy_g + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn,
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+        w = tl.load(w_g + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)   # (BLOCK_N, BLOCK_K)
+        w = w.to(dy.dtype)
+        if HAS_MASK:
+            keep = _keep_bits_nk(bits_g, stride_bn, k0, offs_n, mask_rows, K, BLOCK_N, BLOCK_K)
+            w = tl.where(keep | unmasked, w, tl.zeros_like(w))
+        acc = _dot(dy, w, acc, PRECISION, UPCAST)
+    tl.store(dx_ptr + g * stride_xg + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+             acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
+
+
+@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_K", "BLOCK_M"), key=["M", "N", "K", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune})
+@triton.jit
+def _grouped_grad_weight_kernel(dy_ptr, stride_dg, stride_dm, stride_dn,
+                                x_ptr, stride_xg, stride_xm, stride_xk,
+                                bits_ptr, stride_bp, stride_bn, mi_ptr,
+                                dw_ptr, stride_wg, stride_wn, stride_wk, M, N, K,
+                                INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
+                                GROUP_M: tl.constexpr = 8, HAS_MASK: tl.constexpr = True):
+    """dW[g] (N, K) = M[mi[g]] ⊙ (dy[g]^T (N, M) @ x[g] (M, K)), fp32, exactly 0 off the mask."""
+    pid_n, pid_k = _grouped_tile(N, K, BLOCK_N, BLOCK_K, GROUP_M)
+    g = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = pid_k * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    if INT64:
+        g = g.to(tl.int64)
+        offs_n = offs_n.to(tl.int64)
+        offs_k = offs_k.to(tl.int64)
+    dy_g = dy_ptr + g * stride_dg
+    x_g = x_ptr + g * stride_xg
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    for m0 in range(0, M, BLOCK_M):
+        offs_m = m0 + tl.arange(0, BLOCK_M)
+        if INT64:
+            offs_m = offs_m.to(tl.int64)
+        dy_t = tl.load(dy_g + offs_n[:, None] * stride_dn + offs_m[None, :] * stride_dm,
+                       mask=(offs_n[:, None] < N) & (offs_m[None, :] < M), other=0.0)   # (BLOCK_N, BLOCK_M)
+        x = tl.load(x_g + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
+                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
+        acc = _dot(dy_t, x.to(dy_t.dtype), acc, PRECISION, UPCAST)
+    if HAS_MASK:
+        # The mask is applied once to the finished tile, not per M step: 1 bit per weight in all.
+        bits_g, mask_rows, unmasked = _group_mask(bits_ptr, stride_bp, mi_ptr, g, N)
+        keep = _keep_bits_nk(bits_g, stride_bn, k0, offs_n, mask_rows, K, BLOCK_N, BLOCK_K)
+        acc = tl.where(keep | unmasked, acc, 0.0)
+    tl.store(dw_ptr + g * stride_wg + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
+             acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
+
+
+# ---------------------------------------------------------------------------------------------
+# Recurrence steps. Grid: (batch tiles × hidden tiles, G), batch tiles fastest so the programs
+# that read the same weight tiles run together and share them in L2. State buffers (G, B, H),
+# hs / cells (G, T, B, H) and gates / dgates (G, T, B, 4H) are contiguous (the helpers make them).
+
+@triton.jit
+def _gate_dot(hp, w_g, stride_wn, stride_wk, bits_g, stride_bn, mask_rows, unmasked, q, H, k0, offs_k, offs_h,
+              acc, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+              BLOCK_K: tl.constexpr, BLOCK_H: tl.constexpr):
+    """acc + hp (BLOCK_B, BLOCK_K) @ (W ⊙ M)[q*H + offs_h, offs_k]^T for gate q."""
+    w = tl.load(w_g + (q * H + offs_h)[None, :] * stride_wn + offs_k[:, None] * stride_wk,
+                mask=(offs_h[None, :] < H) & (offs_k[:, None] < H), other=0.0)      # (BLOCK_K, BLOCK_H)
+    if HAS_MASK:
+        keep = _keep_bits_kn(bits_g + q * H * stride_bn, stride_bn, k0, offs_h, mask_rows, H, BLOCK_K, BLOCK_H)
+        w = tl.where(keep | unmasked, w, tl.zeros_like(w))
+    return _dot(hp, w, acc, PRECISION, UPCAST)
+
+
+@triton.autotune(configs=_step_configs("BLOCK_K", _FORWARD_STEP_SHAPES), key=["B", "H", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_step})
+@triton.jit(do_not_specialize=["step"])
+def _forward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
+                         bits_ptr, stride_bp, stride_bn, mi_ptr,
+                         xproj_ptr, stride_xg, stride_xt, stride_xb, stride_xn,
+                         len_ptr, stride_lg, stride_lb,
+                         h_in_ptr, c_in_ptr, h_out_ptr, c_out_ptr,
+                         hs_ptr, cells_ptr, gates_ptr, step, T, B, H,
+                         INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                         BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
+                         HAS_MASK: tl.constexpr = True):
+    """One step for a (batch, hidden) tile of one group: the four gate pre-activations of the tile
+    as masked dots over K = H, plus xproj, then the cell update, all in registers; the activated
+    gates are stored once (for backward), never re-read."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    tiles_b = tl.cdiv(B, BLOCK_B)
+    offs_b = (pid % tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)
+    offs_h = (pid // tiles_b) * BLOCK_H + tl.arange(0, BLOCK_H)
+    if INT64:
+        g = g.to(tl.int64)
+        step = step.to(tl.int64)
+        offs_b = offs_b.to(tl.int64)
+        offs_h = offs_h.to(tl.int64)
+    row_ok = offs_b < B
+    tile_ok = row_ok[:, None] & (offs_h[None, :] < H)
+    w_g = w_ptr + tl.load(wi_ptr + g) * stride_ws
+    mask_rows = H
+    unmasked = False
+    bits_g = bits_ptr
+    if HAS_MASK:
+        bits_g, mask_rows, unmasked = _group_mask(bits_ptr, stride_bp, mi_ptr, g, H)
+
+    # h_prev is rounded to the weight's dtype for the dot (as cuDNN does), accumulation in fp32.
+    h_rows = h_in_ptr + g * B * H + offs_b[:, None] * H
+    acc_i = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_f = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_g = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    acc_o = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for k0 in range(0, H, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        hp = tl.load(h_rows + offs_k[None, :], mask=row_ok[:, None] & (offs_k[None, :] < H), other=0.0)
+        hp = hp.to(tl.float32).to(w_ptr.dtype.element_ty)
+        acc_i = _gate_dot(hp, w_g, stride_wn, stride_wk, bits_g, stride_bn, mask_rows, unmasked, 0, H, k0, offs_k,
+                          offs_h, acc_i, HAS_MASK, PRECISION, UPCAST, BLOCK_K, BLOCK_H)
+        acc_f = _gate_dot(hp, w_g, stride_wn, stride_wk, bits_g, stride_bn, mask_rows, unmasked, 1, H, k0, offs_k,
+                          offs_h, acc_f, HAS_MASK, PRECISION, UPCAST, BLOCK_K, BLOCK_H)
+        acc_g = _gate_dot(hp, w_g, stride_wn, stride_wk, bits_g, stride_bn, mask_rows, unmasked, 2, H, k0, offs_k,
+                          offs_h, acc_g, HAS_MASK, PRECISION, UPCAST, BLOCK_K, BLOCK_H)
+        acc_o = _gate_dot(hp, w_g, stride_wn, stride_wk, bits_g, stride_bn, mask_rows, unmasked, 3, H, k0, offs_k,
+                          offs_h, acc_o, HAS_MASK, PRECISION, UPCAST, BLOCK_K, BLOCK_H)
+
+    x_tile = xproj_ptr + g * stride_xg + step * stride_xt + offs_b[:, None] * stride_xb + offs_h[None, :] * stride_xn
+    x_gate = H * stride_xn
+    i = tl.sigmoid(acc_i + tl.load(x_tile, mask=tile_ok, other=0.0).to(tl.float32))
+    f = tl.sigmoid(acc_f + tl.load(x_tile + x_gate, mask=tile_ok, other=0.0).to(tl.float32))
+    z = _tanh(acc_g + tl.load(x_tile + 2 * x_gate, mask=tile_ok, other=0.0).to(tl.float32))
+    o = tl.sigmoid(acc_o + tl.load(x_tile + 3 * x_gate, mask=tile_ok, other=0.0).to(tl.float32))
+
+    state = g * B * H + offs_b[:, None] * H + offs_h[None, :]
+    c_prev = tl.load(c_in_ptr + state, mask=tile_ok, other=0.0).to(tl.float32)
+    c = f * c_prev + i * z
+    h = o * _tanh(c)
+    length = tl.load(len_ptr + g * stride_lg + offs_b * stride_lb, mask=row_ok, other=0)
+    active = (step < length)[:, None]
+    # Inactive rows carry their state; its h is re-read only here (a tile already in L1/L2).
+    h_prev = tl.load(h_in_ptr + state, mask=tile_ok, other=0.0).to(tl.float32)
+    c = tl.where(active, c, c_prev)
+    tl.store(h_out_ptr + state, tl.where(active, h, h_prev).to(h_out_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(c_out_ptr + state, c.to(c_out_ptr.dtype.element_ty), mask=tile_ok)
+
+    seq = ((g * T + step) * B + offs_b[:, None]) * H + offs_h[None, :]
+    tl.store(hs_ptr + seq, tl.where(active, h, 0.0).to(hs_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(cells_ptr + seq, c.to(cells_ptr.dtype.element_ty), mask=tile_ok)
+    gate = ((g * T + step) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+    tl.store(gates_ptr + gate, tl.where(active, i, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(gates_ptr + gate + H, tl.where(active, f, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(gates_ptr + gate + 2 * H, tl.where(active, z, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(gates_ptr + gate + 3 * H, tl.where(active, o, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.autotune(configs=_step_configs("BLOCK_N", _BACKWARD_STEP_SHAPES), key=["B", "H", "PRECISION"],
+                 prune_configs_by={"early_config_prune": _prune_step})
+@triton.jit(do_not_specialize=["step"])
+def _backward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
+                          bits_ptr, stride_bp, stride_bn, mi_ptr,
+                          dhs_ptr, stride_dg, stride_dt, stride_db, stride_dh,
+                          len_ptr, stride_lg, stride_lb,
+                          dh_in_ptr, dc_in_ptr, dh_out_ptr, dc_out_ptr,
+                          gates_ptr, cells_ptr, c0_ptr, dgates_ptr, step, T, B, H,
+                          INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
+                          HAS_MASK: tl.constexpr = True):
+    """Backward step `step` (T-1 down to -1) for a (batch, hidden) tile of one group.
+
+    First it completes the dh entering this step: dgates[step+1] @ (W ⊙ M) over all 4H rows for
+    rows active at step+1 (that product needs every hidden tile of step+1, so it could not be
+    finished by the launch that wrote dgates[step+1]), else the dh the previous launch carried.
+    Then the pointwise part of this step writes dgates[step] and the carried dc. Launch -1 only
+    completes dh and passes dc through: it produces dh0 and dc0."""
+    pid = tl.program_id(0)
+    g = tl.program_id(1)
+    tiles_b = tl.cdiv(B, BLOCK_B)
+    offs_b = (pid % tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)
+    h0 = (pid // tiles_b) * BLOCK_H
+    offs_h = h0 + tl.arange(0, BLOCK_H)
+    if INT64:
+        g = g.to(tl.int64)
+        step = step.to(tl.int64)
+        offs_b = offs_b.to(tl.int64)
+        offs_h = offs_h.to(tl.int64)
+    row_ok = offs_b < B
+    tile_ok = row_ok[:, None] & (offs_h[None, :] < H)
+    w_g = w_ptr + tl.load(wi_ptr + g) * stride_ws
+    if HAS_MASK:
+        bits_g, mask_rows, unmasked = _group_mask(bits_ptr, stride_bp, mi_ptr, g, 4 * H)
+    length = tl.load(len_ptr + g * stride_lg + offs_b * stride_lb, mask=row_ok, other=0)
+    state = g * B * H + offs_b[:, None] * H + offs_h[None, :]
+
+    # dgates is 0 at inactive steps, so the dot is 0 for rows inactive at step+1; the row mask
+    # only saves their loads (and keeps step+1 = T in bounds).
+    next_active = (step + 1 < length) & (step + 1 < T)
+    dg_rows = dgates_ptr + ((g * T + step + 1) * B + offs_b[:, None]) * (4 * H)
+    acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
+    for n0 in range(0, 4 * H, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        if INT64:
+            offs_n = offs_n.to(tl.int64)
+        dg = tl.load(dg_rows + offs_n[None, :], mask=next_active[:, None] & (offs_n[None, :] < 4 * H), other=0.0)
+        # rounded to the weight's dtype for the dot, as in forward (and cuDNN)
+        dg = dg.to(tl.float32).to(w_ptr.dtype.element_ty)
+        w = tl.load(w_g + offs_n[:, None] * stride_wn + offs_h[None, :] * stride_wk,
+                    mask=(offs_n[:, None] < 4 * H) & (offs_h[None, :] < H), other=0.0)   # (BLOCK_N, BLOCK_H)
+        if HAS_MASK:
+            keep = _keep_bits_nk(bits_g, stride_bn, h0, offs_n, mask_rows, H, BLOCK_N, BLOCK_H)
+            w = tl.where(keep | unmasked, w, tl.zeros_like(w))
+        acc = _dot(dg, w, acc, PRECISION, UPCAST)
+    dh_carried = tl.load(dh_in_ptr + state, mask=tile_ok, other=0.0).to(tl.float32)
+    dh = tl.where(next_active[:, None], acc, dh_carried)
+    dc = tl.load(dc_in_ptr + state, mask=tile_ok, other=0.0).to(tl.float32)
+
+    if step >= 0:
+        active = (step < length)[:, None]
+        seq = ((g * T + step) * B + offs_b[:, None]) * H + offs_h[None, :]
+        gate = ((g * T + step) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+        i = tl.load(gates_ptr + gate, mask=tile_ok, other=0.0).to(tl.float32)
+        f = tl.load(gates_ptr + gate + H, mask=tile_ok, other=0.0).to(tl.float32)
+        z = tl.load(gates_ptr + gate + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
+        o = tl.load(gates_ptr + gate + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
+        tc = _tanh(tl.load(cells_ptr + seq, mask=tile_ok, other=0.0).to(tl.float32))
+        if step > 0:
+            c_prev = tl.load(cells_ptr + seq - B * H, mask=tile_ok, other=0.0).to(tl.float32)
+        else:
+            c_prev = tl.load(c0_ptr + state, mask=tile_ok, other=0.0).to(tl.float32)
+        dh_tot = dh + tl.load(dhs_ptr + g * stride_dg + step * stride_dt + offs_b[:, None] * stride_db
+                              + offs_h[None, :] * stride_dh, mask=tile_ok, other=0.0).to(tl.float32)
+        dc_tot = dc + dh_tot * o * (1.0 - tc * tc)
+        d_i = tl.where(active, dc_tot * z * i * (1.0 - i), 0.0)
+        d_f = tl.where(active, dc_tot * c_prev * f * (1.0 - f), 0.0)
+        d_z = tl.where(active, dc_tot * i * (1.0 - z * z), 0.0)
+        d_o = tl.where(active, dh_tot * tc * o * (1.0 - o), 0.0)
+        tl.store(dgates_ptr + gate, d_i.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dgates_ptr + gate + H, d_f.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dgates_ptr + gate + 2 * H, d_z.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
+        tl.store(dgates_ptr + gate + 3 * H, d_o.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
+        dc = tl.where(active, dc_tot * f, dc)
+    # dh is stored before this step's own dot product is known: the next launch uses it only for
+    # rows inactive here, which pass dh through unchanged.
+    tl.store(dh_out_ptr + state, dh.to(dh_out_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(dc_out_ptr + state, dc.to(dc_out_ptr.dtype.element_ty), mask=tile_ok)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers
+
+def _grid2(rows_key: str, cols_key: str, rows: int, cols: int, groups: int):
+    return lambda meta: (triton.cdiv(rows, meta[rows_key]) * triton.cdiv(cols, meta[cols_key]), groups)
+
+
+def _mask_args(bits: Optional[torch.Tensor], dummy: torch.Tensor):
+    """(bits pointer, stride over masks, stride over rows); an int tensor stands in for absent bits."""
+    if bits is None:
+        return dummy, 0, 0
+    return bits, bits.stride(0), bits.stride(1)
+
+
+def _int64(*tensors: Optional[torch.Tensor]) -> bool:
+    return _needs_int64(*(t for t in tensors if t is not None))
+
+
+def grouped_masked_matmul(x: torch.Tensor, weight: torch.Tensor, weight_index: torch.Tensor,
+                          bits: Optional[torch.Tensor], mask_index: torch.Tensor,
+                          bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """x (G, R, K) (any strides, group stride 0 allowed), weight (S, N, K), bits (P, N, ceil(K/32))
+    or None, bias (G, N) or None -> (G, R, N) = x[g] @ (weight[wi[g]] ⊙ M[mi[g]])ᵀ + bias[g]."""
+    G, R, K = x.shape
+    N = weight.shape[1]
+    out = torch.empty((G, R, N), device=x.device, dtype=out_dtype or x.dtype)
+    if out.numel() == 0:
+        return out
+    if K == 0:
+        return out.copy_(bias.unsqueeze(1).expand(G, R, N)) if bias is not None else out.zero_()
+    bits_arg, stride_bp, stride_bn = _mask_args(bits, weight_index)
+    _grouped_forward_kernel[_grid2("BLOCK_M", "BLOCK_N", R, N, G)](
+        x, x.stride(0), x.stride(1), x.stride(2),
+        weight, weight.stride(0), weight.stride(1), weight.stride(2), weight_index,
+        bits_arg, stride_bp, stride_bn, mask_index,
+        bias if bias is not None else out, bias.stride(0) if bias is not None else 0,
+        bias.stride(1) if bias is not None else 0,
+        out, out.stride(0), out.stride(1), out.stride(2), R, N, K,
+        HAS_BIAS=bias is not None, INT64=_int64(x, weight, bits, bias, out), PRECISION=_precision(x.dtype),
+        UPCAST=_upcast(x.dtype), HAS_MASK=bits is not None)
+    return out
+
+
+def grouped_masked_matmul_grad_input(dy: torch.Tensor, weight: torch.Tensor, weight_index: torch.Tensor,
+                                     bits: Optional[torch.Tensor], mask_index: torch.Tensor) -> torch.Tensor:
+    """dy (G, R, N) -> dx (G, R, K) = dy[g] @ (weight[wi[g]] ⊙ M[mi[g]]), in dy's dtype."""
+    G, R, N = dy.shape
+    K = weight.shape[2]
+    dx = torch.empty((G, R, K), device=dy.device, dtype=dy.dtype)
+    if dx.numel() == 0:
+        return dx
+    if N == 0:
+        return dx.zero_()
+    bits_arg, stride_bp, stride_bn = _mask_args(bits, weight_index)
+    _grouped_grad_input_kernel[_grid2("BLOCK_M", "BLOCK_K", R, K, G)](
+        dy, dy.stride(0), dy.stride(1), dy.stride(2),
+        weight, weight.stride(0), weight.stride(1), weight.stride(2), weight_index,
+        bits_arg, stride_bp, stride_bn, mask_index,
+        dx, dx.stride(0), dx.stride(1), dx.stride(2), R, N, K,
+        INT64=_int64(dy, weight, bits, dx), PRECISION=_precision(dy.dtype), UPCAST=_upcast(dy.dtype),
+        HAS_MASK=bits is not None)
+    return dx
+
+
+def grouped_masked_matmul_grad_weight(dy: torch.Tensor, x: torch.Tensor, bits: Optional[torch.Tensor],
+                                      mask_index: torch.Tensor) -> torch.Tensor:
+    """dy (G, R, N), x (G, R, K) (group stride 0 allowed) -> dW (G, N, K) fp32 =
+    M[mi[g]] ⊙ (dy[g]ᵀ @ x[g]), exactly 0 outside the mask."""
+    G, R, N = dy.shape
+    K = x.shape[2]
+    dw = torch.empty((G, N, K), device=dy.device, dtype=torch.float32)
+    if dw.numel() == 0:
+        return dw
+    if R == 0:
+        return dw.zero_()
+    bits_arg, stride_bp, stride_bn = _mask_args(bits, mask_index)
+    _grouped_grad_weight_kernel[_grid2("BLOCK_N", "BLOCK_K", N, K, G)](
+        dy, dy.stride(0), dy.stride(1), dy.stride(2), x, x.stride(0), x.stride(1), x.stride(2),
+        bits_arg, stride_bp, stride_bn, mask_index,
+        dw, dw.stride(0), dw.stride(1), dw.stride(2), R, N, K,
+        INT64=_int64(dy, x, bits, dw), PRECISION=_precision(dy.dtype), UPCAST=_upcast(dy.dtype),
+        HAS_MASK=bits is not None)
+    return dw
+
+
+def _step_grid(B: int, H: int, G: int):
+    return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(H, meta["BLOCK_H"]), G)
+
+
+def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
+                       weight_index: torch.Tensor, bits_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
+                       lengths: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """xproj (G, T, B, 4H) fp32, h0 / c0 (G, B, H) fp32, w_hh (S, 4H, H), lengths (G, B) int64 ->
+    (hs (G, T, B, H), h_n, c_n (G, B, H), gates (G, T, B, 4H) activated, cells (G, T, B, H)), fp32;
+    hs and gates are 0 at inactive steps, cells carries c there."""
+    G, T, B, H4 = xproj.shape
+    H = H4 // 4
+    f32 = dict(device=xproj.device, dtype=torch.float32)
+    hs = torch.empty((G, T, B, H), **f32)
+    cells = torch.empty((G, T, B, H), **f32)
+    gates = torch.empty((G, T, B, H4), **f32)
+    h_n = torch.empty((G, B, H), **f32)
+    c_n = torch.empty((G, B, H), **f32)
+    if T == 0 or G * B * H == 0:
+        h_n.copy_(h0)
+        c_n.copy_(c0)
+        return hs, h_n, c_n, gates, cells
+    # Ping-pong: the launch of step s writes (h_n, c_n) when T-1-s is even, so the last one lands
+    # there and the final state needs no copy.
+    spare = (torch.empty((G, B, H), **f32), torch.empty((G, B, H), **f32))
+    h_in, c_in = h0.contiguous(), c0.contiguous()
+    bits_arg, stride_bp, stride_bn = _mask_args(bits_hh, weight_index)
+    int64 = _int64(xproj, w_hh, bits_hh, gates)
+    precision, upcast = _precision(w_hh.dtype), _upcast(w_hh.dtype)
+    grid = _step_grid(B, H, G)
+    for s in range(T):
+        h_out, c_out = (h_n, c_n) if (T - 1 - s) % 2 == 0 else spare
+        _forward_step_kernel[grid](
+            w_hh, w_hh.stride(0), w_hh.stride(1), w_hh.stride(2), weight_index,
+            bits_arg, stride_bp, stride_bn, mask_index,
+            xproj, xproj.stride(0), xproj.stride(1), xproj.stride(2), xproj.stride(3),
+            lengths, lengths.stride(0), lengths.stride(1),
+            h_in, c_in, h_out, c_out, hs, cells, gates, s, T, B, H,
+            INT64=int64, PRECISION=precision, UPCAST=upcast, HAS_MASK=bits_hh is not None)
+        h_in, c_in = h_out, c_out
+    return hs, h_n, c_n, gates, cells
+
+
+def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, gates: torch.Tensor,
+                        cells: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor, weight_index: torch.Tensor,
+                        bits_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
+                        lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dhs (G, T, B, H) (any strides), dh_n / dc_n (G, B, H), gates / cells from forward_recurrence
+    -> (dgates (G, T, B, 4H) w.r.t. the pre-activations, 0 at inactive steps; dh0; dc0), fp32."""
+    G, T, B, H4 = gates.shape
+    H = H4 // 4
+    f32 = dict(device=gates.device, dtype=torch.float32)
+    dgates = torch.empty((G, T, B, H4), **f32)
+    dh0 = torch.empty((G, B, H), **f32)
+    dc0 = torch.empty((G, B, H), **f32)
+    if T == 0 or G * B * H == 0:
+        dh0.copy_(dh_n)
+        dc0.copy_(dc_n)
+        return dgates.zero_(), dh0, dc0
+    gates, cells, c0 = gates.contiguous(), cells.contiguous(), c0.contiguous()
+    # T + 1 launches, steps T-1 .. -1; launch j writes (dh0, dc0) when T - j is even, so the
+    # last one (j = T, step -1) lands there.
+    spare = (torch.empty((G, B, H), **f32), torch.empty((G, B, H), **f32))
+    dh_in, dc_in = dh_n.contiguous(), dc_n.contiguous()
+    bits_arg, stride_bp, stride_bn = _mask_args(bits_hh, weight_index)
+    int64 = _int64(dhs, w_hh, bits_hh, gates)
+    precision, upcast = _precision(w_hh.dtype), _upcast(w_hh.dtype)
+    grid = _step_grid(B, H, G)
+    for j in range(T + 1):
+        s = T - 1 - j
+        dh_out, dc_out = (dh0, dc0) if (T - j) % 2 == 0 else spare
+        _backward_step_kernel[grid](
+            w_hh, w_hh.stride(0), w_hh.stride(1), w_hh.stride(2), weight_index,
+            bits_arg, stride_bp, stride_bn, mask_index,
+            dhs, dhs.stride(0), dhs.stride(1), dhs.stride(2), dhs.stride(3),
+            lengths, lengths.stride(0), lengths.stride(1),
+            dh_in, dc_in, dh_out, dc_out, gates, cells, c0, dgates, s, T, B, H,
+            INT64=int64, PRECISION=precision, UPCAST=upcast, HAS_MASK=bits_hh is not None)
+        dh_in, dc_in = dh_out, dc_out
+    return dgates, dh0, dc0
