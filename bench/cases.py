@@ -71,7 +71,8 @@ def _pick(wanted: tuple[str, ...], valid: tuple[str, ...], what: str) -> tuple[s
 def select(settings: Settings) -> list[Case]:
     """The cases of ``settings``, grouped by workload and mode, eager first.
 
-    Naming providers keeps the baselines (eager, dense) that the derived numbers divide by.
+    Naming providers keeps the baselines (the op's eager, and dense where it has one) that the
+    derived numbers divide by; each workload gets the providers its op has.
     Raises ValueError on an unknown workload, provider, mode, device or dtype.
     """
     if settings.device not in ("cpu", "cuda"):
@@ -80,7 +81,12 @@ def select(settings: Settings) -> list[Case]:
         raise ValueError("device cuda requested but torch sees no CUDA device")
     _pick((settings.dtype,), DTYPES, "dtype")
     workloads = registry.find(settings.workloads)
-    wanted = settings.providers and tuple(settings.providers) + providers.ALWAYS_RUN
-    names = _pick(wanted, providers.names(), "provider")
+    _pick(tuple(settings.providers), providers.names(), "provider")
     modes = _pick(settings.modes, MODES, "mode")
-    return [Case(w, m, p) for w in workloads for m in modes for p in names]
+    per_op: dict[str, tuple[str, ...]] = {}
+    for w in workloads:
+        if w.op not in per_op:
+            spec = registry.op(w.op)
+            wanted = set(settings.providers) | set(providers.always_run(spec))
+            per_op[w.op] = tuple(p for p in providers.names(spec) if not settings.providers or p in wanted)
+    return [Case(w, m, p) for w in workloads for m in modes for p in per_op[w.op]]

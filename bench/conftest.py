@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from bench import cases, records
+from bench import cases, records, registry
 from bench.runner import Runner
 
 RUNNER = pytest.StashKey[Runner]()
@@ -58,4 +58,5 @@ def bench_runner(request: pytest.FixtureRequest) -> Runner:
 def pytest_sessionfinish(session: pytest.Session, exitstatus: Any) -> None:
     path = session.config.getoption("--bench-jsonl")
     if path:
-        records.write_jsonl(path, records.finalize(session.config.stash[RUNNER].records))
+        eager_names = {spec.op: spec.eager_name for spec in registry.ops()}
+        records.write_jsonl(path, records.finalize(session.config.stash[RUNNER].records, eager_names))

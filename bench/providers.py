@@ -1,8 +1,10 @@
 """Providers: the implementations a workload is timed with.
 
-``eager`` is what a user writes, ``compile`` is ``torch.compile`` of it, ``dense`` the same
-shape without the op's extra work (the roofline), and every mtlfast backend is forced with
-``mtlfast.use_backend``.  A provider that cannot run the inputs gives a reason instead.
+``eager`` is what a user writes (an op may name it differently and add more eager
+formulations: ``OpBench.eager_name``, ``OpBench.variants``), ``compile`` is ``torch.compile`` of
+it, ``dense`` the same shape without the op's extra work (the roofline; only for ops that have
+one), and every mtlfast backend is forced with ``mtlfast.use_backend``.  A provider that cannot
+run the inputs gives a reason instead.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Any, ContextManager
 
 import torch
 
+from bench import registry
 from bench.registry import OpBench
 
 BASELINES: tuple[str, ...] = ("eager", "compile", "dense")
@@ -31,15 +34,28 @@ class Built:
     checked: bool = True  # compare its results with eager's before timing
 
 
-def names() -> tuple[str, ...]:
-    """Every provider name: the baselines, then the mtlfast backends."""
+def _backends() -> tuple[str, ...]:
     try:
         import mtlfast
 
         extra = tuple(mtlfast.available_backends())
     except Exception:
         extra = ()
-    return BASELINES + tuple(dict.fromkeys(DEFAULT_BACKENDS + extra))
+    return tuple(dict.fromkeys(DEFAULT_BACKENDS + extra))
+
+
+def always_run(spec: OpBench) -> tuple[str, ...]:
+    """The providers ``spec``'s derived numbers divide by: its eager, and dense if it has one."""
+    return (spec.eager_name,) + ("dense",) * (spec.dense is not None)
+
+
+def names(spec: OpBench | None = None) -> tuple[str, ...]:
+    """The provider names of ``spec`` (eager, its variants, compile, dense where the op has one,
+    then the mtlfast backends); of every registered op when ``spec`` is None."""
+    if spec is not None:
+        return ((spec.eager_name, *spec.variants, "compile") + ("dense",) * (spec.dense is not None)
+                + _backends())
+    return tuple(dict.fromkeys(BASELINES + tuple(n for s in registry.ops() for n in names(s))))
 
 
 def _eager(spec: OpBench, args: tuple, device: torch.device) -> Built:
@@ -78,7 +94,15 @@ def _backend(name: str) -> Callable[[OpBench, tuple, torch.device], Built]:
     return build
 
 
+def _variant(name: str) -> Callable[[OpBench, tuple, torch.device], Built]:
+    def build(spec: OpBench, args: tuple, device: torch.device) -> Built:
+        return Built(spec.variants[name])  # another eager formulation, checked against eager
+
+    return build
+
+
 def build(name: str, spec: OpBench, args: tuple, device: torch.device) -> Built:
     """Provider ``name`` for ``spec`` on these inputs."""
-    builders = {"eager": _eager, "dense": _dense, "compile": _compile}
+    builders = {spec.eager_name: _eager, "dense": _dense, "compile": _compile,
+                **{v: _variant(v) for v in spec.variants}}
     return builders.get(name, _backend(name))(spec, args, device)

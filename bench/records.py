@@ -93,14 +93,18 @@ def group_key(record: Mapping[str, Any]) -> tuple:
     return (record["op"], record["workload"], record["mode"], record["device_name"], record["dtype"])
 
 
-def finalize(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fill ``speedup_vs_eager`` (eager median / median) and ``frac_dense`` (dense median / median)."""
+def finalize(records: list[dict[str, Any]], eager_names: Mapping[str, str] | None = None) -> list[dict[str, Any]]:
+    """Fill ``speedup_vs_eager`` (eager median / median) and ``frac_dense`` (dense median / median).
+
+    ``eager_names`` maps an op to the provider name of its eager (default ``"eager"``)."""
+    eager_names = eager_names or {}
     medians = {(group_key(r), r["provider"]): r["median_s"] for r in records if r["status"] == "ok"}
     out = []
     for r in records:
         r = dict(r)
         if r["status"] == "ok":
-            eager, dense = (medians.get((group_key(r), p)) for p in ("eager", "dense"))
+            eager, dense = (medians.get((group_key(r), p))
+                            for p in (eager_names.get(r["op"], "eager"), "dense"))
             r["speedup_vs_eager"] = eager / r["median_s"] if eager else None
             r["frac_dense"] = dense / r["median_s"] if dense else None
         out.append(r)

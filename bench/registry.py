@@ -22,7 +22,8 @@ class Workload:
     """A named problem size of one op.
 
     ``params`` are passed to the op's ``make_inputs`` and ``flops``; ``skip_on`` maps a device
-    type ("cpu", "cuda") to the reason the workload is not run there; non-``default`` workloads
+    type ("cpu", "cuda") to the reason the workload is not run there, or "device/provider" (e.g.
+    "cpu/compile") to the reason one provider is not run there; non-``default`` workloads
     run only when named (e.g. the ``tiny`` smoke-test size).
     """
 
@@ -38,9 +39,9 @@ class Workload:
         """``op/name``, unique over the registry."""
         return f"{self.op}/{self.name}"
 
-    def unsupported_reason(self, device_type: str) -> str | None:
-        """Why this workload is not run on ``device_type``, or None."""
-        return self.skip_on.get(device_type)
+    def unsupported_reason(self, device_type: str, provider: str | None = None) -> str | None:
+        """Why this workload is not run on ``device_type`` (by ``provider``), or None."""
+        return self.skip_on.get(device_type) or (provider and self.skip_on.get(f"{device_type}/{provider}"))
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,9 @@ class OpBench:
     dense(*args) or None: the same shape without the op's extra work (roofline reference).
     mtlfast() -> the public mtlfast function (imported lazily: the library may be absent).
     flops(params, mode) -> floating point operations of one call in ``mode``.
+    eager_name: the provider name of ``eager`` (e.g. "eager-loop" where several eager
+        formulations are timed).
+    variants: more eager formulations, each a provider of that name, checked against ``eager``.
     """
 
     op: str
@@ -61,6 +65,8 @@ class OpBench:
     dense: Callable[..., Any] | None
     mtlfast: Callable[[], Callable[..., Any]]
     flops: Callable[[Mapping[str, Any], str], float]
+    eager_name: str = "eager"
+    variants: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
 
 
 _OPS: dict[str, OpBench] = {}
@@ -90,6 +96,12 @@ def op(name: str) -> OpBench:
     """The registered op ``name``."""
     load()
     return _OPS[name]
+
+
+def ops() -> list[OpBench]:
+    """Every registered op, in registration order."""
+    load()
+    return list(_OPS.values())
 
 
 def workloads() -> list[Workload]:

@@ -78,7 +78,7 @@ class Runner:
         s, w = self.settings, case.workload
         record = records.base(op=w.op, workload=w.name, mode=case.mode, provider=case.provider,
                               params=w.params, dtype=s.dtype, env=self.env)
-        reason = w.unsupported_reason(self.device.type)
+        reason = w.unsupported_reason(self.device.type, case.provider)
         if reason:
             return records.not_run(record, "skipped", reason)
         spec = registry.op(w.op)
@@ -90,7 +90,7 @@ class Runner:
         benchmark.group = f"{w.key}/{case.mode}"
         benchmark.extra_info.update(op=w.op, workload=w.name, mode=case.mode,
                                     provider=case.provider, dtype=s.dtype, device=s.device)
-        expected = None if case.provider == "eager" else self._expected(case, spec, args)
+        expected = None if case.provider == spec.eager_name else self._expected(case, spec, args)
         try:
             with built.context():
                 result, first_s = self.timer.timed_call(step)

@@ -5,6 +5,7 @@ the arithmetic is checked on hand-computed cases.  No timing is compared with a 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -217,3 +218,86 @@ def test_selection_keeps_baselines_and_rejects_unknown_names(capsys: pytest.Capt
     assert gemm.unsupported_reason("cpu") and gemm.unsupported_reason("cuda") is None
     assert bench_main(["--workload", "no-such-workload"]) == 2
     assert "no-such-workload" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# masked_lstm (bench/workloads/masked_lstm.py): the sparse-sharing LSTM, every task in one call
+
+LSTM_PROVIDERS = ["eager-loop", "eager-lstm", "reference", "triton", "cpu"]  # requested: all but compile
+
+
+@pytest.fixture(scope="module")
+def lstm_run(tmp_path_factory: pytest.TempPathFactory) -> list[dict]:
+    """``python -m bench`` on the tiny masked_lstm workload (compile left out: it takes a minute)."""
+    out = tmp_path_factory.mktemp("bench-lstm")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # Busy-waiting OpenMP threads can make tiny CPU matmuls ~100x slower on a loaded 2-core machine.
+    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    cmd = [sys.executable, "-m", "bench", "--workload", "lstm-tiny", "--quick", "--out", str(out)]
+    cmd += [f"--provider={p}" for p in LSTM_PROVIDERS]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return records.read_jsonl(out / "results.jsonl")
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_masked_lstm_records(lstm_run: list[dict], mode: str) -> None:
+    recs = [r for r in lstm_run if r["mode"] == mode]
+    assert all((r["op"], r["workload"]) == ("masked_lstm", "lstm-tiny") for r in recs)
+    assert sorted(r["provider"] for r in recs) == sorted(LSTM_PROVIDERS)  # no dense: the op has none
+    oracle = _by(recs, mode, "eager-loop")
+    for name in ("eager-loop", "eager-lstm", "reference", "cpu"):
+        r = _by(recs, mode, name)
+        assert r["status"] == "ok", r["reason"]
+        assert r["median_s"] > 0 and r["rounds"] >= 3
+        assert r["speedup_vs_eager"] == pytest.approx(oracle["median_s"] / r["median_s"], rel=1e-12)
+        assert r["frac_dense"] is None
+        assert r["rel_err"] is None if name == "eager-loop" else r["rel_err"] < 1e-4
+        # 2 tasks x 3 x 4 tokens; per token 8H(I+H) per direction: layer 0 (6 -> 5), layer 1 (10 -> 5)
+        assert r["flops"] == 2 * 12 * (8 * 5 * (6 + 5) * 2 + 8 * 5 * (10 + 5) * 2) * (1 if mode == "fwd" else 3)
+    assert oracle["speedup_vs_eager"] == 1.0
+    triton = _by(recs, mode, "triton")
+    if triton["device"] == "cpu":
+        assert triton["status"] == "skipped" and triton["reason"] and triton["median_s"] is None
+
+
+def test_masked_lstm_providers_agree_and_share_the_weights() -> None:
+    from bench.workloads import masked_lstm as ls
+
+    import mtlfast
+
+    params = next(w.params for w in ls.WORKLOADS if w.name == "lstm-tiny")
+    for mode in ("fwd", "fwd+bwd"):
+        args = ls.make_inputs(params, torch.device("cpu"), torch.float64, mode != "fwd", 0)
+        cfg = args[-1]
+        assert args[0].shape == ((2,) if mode != "fwd" else ()) + (4, 3, 6)
+        expected = make_step(ls.eager_loop, args, mode, 0)()
+        for fn, backend in ((ls.eager_lstm, None), (ls.sparse_sharing, "reference"), (ls.sparse_sharing, "cpu")):
+            with mtlfast.use_backend(backend) if backend else contextlib.nullcontext():
+                got = make_step(fn, args, mode, 0)()
+            for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
+                torch.testing.assert_close(a, b)
+        if mode == "fwd+bwd":  # gradients reach every shared parameter and are zero where all masks are
+            names = cfg.param_names()
+            grads = dict(zip(names, expected[1][1:]))
+            masks = dict(zip(cfg.mask_names(), args[1 + len(names):-1]))
+            w = "weight_hh_l1_reverse"
+            unused = ~masks["mask_hh_l1"][cfg.num_tasks:].any(0)
+            assert unused.any() and (grads[w][unused] == 0).all() and grads[w].abs().sum() > 0
+
+
+def test_masked_lstm_selection_and_skips() -> None:
+    settings = cases.Settings.make(device="cpu", workloads=("tiny", "lstm-tiny"), providers=("eager-lstm",),
+                                   modes=("fwd",))
+    assert [(c.workload.op, c.provider) for c in cases.select(settings)] == [
+        ("masked_linear", "eager"), ("masked_linear", "dense"),
+        ("masked_lstm", "eager-loop"), ("masked_lstm", "eager-lstm")]
+    every = cases.select(cases.Settings.make(device="cpu", workloads=("lstm-tiny",), modes=("fwd",)))
+    assert [c.provider for c in every][:3] == ["eager-loop", "eager-lstm", "compile"]
+    assert "dense" not in [c.provider for c in every]
+    by_name = {w.name: w for w in cases.registry.workloads() if w.op == "masked_lstm"}
+    assert by_name["large"].unsupported_reason("cpu") and by_name["large"].unsupported_reason("cuda") is None
+    assert by_name["conll03"].unsupported_reason("cpu", "compile")
+    assert by_name["conll03"].unsupported_reason("cpu", "cpu") is None
+    assert by_name["conll03"].unsupported_reason("cuda", "compile") is None
+    assert not by_name["lstm-tiny"].default and by_name["ontonotes"].default

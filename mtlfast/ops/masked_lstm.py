@@ -32,6 +32,9 @@ def reverse_within_lengths(seq: torch.Tensor, lengths: torch.Tensor, reverse: to
     """seq (G, T, B, ...) -> for groups with reverse[g], each row's first lengths[g, b] steps in
     reverse order (the rest left in place); other groups unchanged. Its own inverse."""
     G, T, B = seq.shape[:3]
+    if lengths.numel() and bool((lengths == T).all()):     # full rows: a plain flip, no gather
+        flipped = seq.flip(1)
+        return torch.where(reverse.view(G, *([1] * (seq.dim() - 1))), flipped, seq)
     t = torch.arange(T, device=seq.device).view(1, T, 1)
     lens = lengths.view(G, 1, B)
     flip = reverse.view(G, 1, 1) & (t < lens)
@@ -131,7 +134,7 @@ class _MaskedLSTMLayer(torch.autograd.Function):
         dhs = reverse_within_lengths(dy.to(acc), lengths, reverse)
         dgates, dh0, dc0 = k.backward_recurrence(dhs, dh_n.to(acc), dc_n.to(acc), gates, cells,
                                                  c0.to(acc), ctx.hh, lengths)
-        dg = dgates.view(G, T * B, 4 * H)
+        dg = dgates.reshape(G, T * B, 4 * H)
         # h entering step s: h0 at s = 0, else h after step s-1 (rows inactive at s have dgates 0)
         h_prev = torch.cat((h0.to(acc).unsqueeze(1), hs[:, :-1]), dim=1).view(G, T * B, H)
         need = ctx.needs_input_grad

@@ -73,43 +73,53 @@ def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, 
                        lengths: torch.Tensor):
     """xproj (G, T, B, 4H) in the accumulation dtype -> hs (G, T, B, H) (0 at inactive steps), h_n,
     c_n, gates (G, T, B, 4H) activated (0 at inactive steps), cells (G, T, B, H) (carried when
-    inactive). Per step: one batched matmul for every group, one native call for the cell."""
+    inactive). Per step: one batched matmul for every group, one native call for the cell.
+    The saved tensors live step-major, (T, G, B, ...), and are returned as (G, T, ...) views: every
+    per-step operand is then contiguous, which BLAS's batched matmul needs to run at full speed."""
     G, T, B, H4 = xproj.shape
     H = H4 // 4
     C, code = _native(), _DTYPE_CODES[xproj.dtype]
-    w_t = weights.masked.transpose(1, 2).contiguous()   # (G, H, 4H): BLAS reads it without a copy
+    w_t = weights.masked.transpose(1, 2).contiguous()   # (G, H, 4H)
     lengths = lengths.contiguous()
-    hs = xproj.new_empty((G, T, B, H))
-    gates = xproj.new_empty((G, T, B, H4))
-    cells = xproj.new_empty((G, T, B, H))
+    xs = xproj.transpose(0, 1).contiguous()               # (T, G, B, 4H)
+    hs = xproj.new_empty((T, G, B, H))
+    gates = xproj.new_empty((T, G, B, H4))
+    cells = xproj.new_empty((T, G, B, H))
     h, c = h0.contiguous().clone(), c0.contiguous().clone()
     pre = xproj.new_empty((G, B, H4))
     for s in range(T):
-        torch.baddbmm(xproj[:, s], h, w_t, out=pre)
+        torch.baddbmm(xs[s], h, w_t, out=pre)
         C.lstm_cell_forward(code, G, B, H, s, pre.data_ptr(), lengths.data_ptr(), h.data_ptr(), c.data_ptr(),
-                            hs[:, s].data_ptr(), hs.stride(0), gates[:, s].data_ptr(), gates.stride(0),
-                            cells[:, s].data_ptr(), cells.stride(0))
-    return hs, h, c, gates, cells
+                            hs[s].data_ptr(), hs.stride(1), gates[s].data_ptr(), gates.stride(1),
+                            cells[s].data_ptr(), cells.stride(1))
+    return hs.transpose(0, 1), h, c, gates.transpose(0, 1), cells.transpose(0, 1)
+
+
+def _step_major(t: torch.Tensor) -> torch.Tensor:
+    """(G, T, ...) -> (T, G, ...) contiguous; free for the views forward_recurrence returns."""
+    return t.transpose(0, 1).contiguous()
 
 
 def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, gates: torch.Tensor,
                         cells: torch.Tensor, c0: torch.Tensor, weights: Weights, lengths: torch.Tensor):
-    """-> dgates (G, T, B, 4H) w.r.t. the pre-activations (0 at inactive steps), dh0, dc0."""
+    """-> dgates (G, T, B, 4H) w.r.t. the pre-activations (0 at inactive steps), dh0, dc0. dgates
+    stays (G, T, ...): the weight-gradient GEMMs read it whole, and the per-step matmul reads a
+    group-strided slice as fast as a contiguous one (measured)."""
     G, T, B, H4 = gates.shape
     H = H4 // 4
     C, code = _native(), _DTYPE_CODES[gates.dtype]
     w = weights.masked.contiguous()
     lengths = lengths.contiguous()
-    dhs, gates, cells, c0 = dhs.contiguous(), gates.contiguous(), cells.contiguous(), c0.contiguous()
-    dgates = torch.empty_like(gates)
+    dhs, gates, cells, c0 = _step_major(dhs), _step_major(gates), _step_major(cells), c0.contiguous()
+    dgates = gates.new_empty((G, T, B, H4))
     dh, dc = dh_n.contiguous().clone(), dc_n.contiguous().clone()
     dh_next = torch.empty_like(dh)
     all_active_below = int(lengths.min()) if lengths.numel() else 0
     for s in range(T - 1, -1, -1):
-        c_prev, c_prev_sg = (cells[:, s - 1], cells.stride(0)) if s > 0 else (c0, c0.stride(0))
-        C.lstm_cell_backward(code, G, B, H, s, lengths.data_ptr(), gates[:, s].data_ptr(), gates.stride(0),
-                             cells[:, s].data_ptr(), cells.stride(0), c_prev.data_ptr(), c_prev_sg,
-                             dhs[:, s].data_ptr(), dhs.stride(0), dh.data_ptr(), dc.data_ptr(),
+        c_prev, c_prev_sg = (cells[s - 1], cells.stride(1)) if s > 0 else (c0, c0.stride(0))
+        C.lstm_cell_backward(code, G, B, H, s, lengths.data_ptr(), gates[s].data_ptr(), gates.stride(1),
+                             cells[s].data_ptr(), cells.stride(1), c_prev.data_ptr(), c_prev_sg,
+                             dhs[s].data_ptr(), dhs.stride(1), dh.data_ptr(), dc.data_ptr(),
                              dgates[:, s].data_ptr(), dgates.stride(0))
         torch.bmm(dgates[:, s], w, out=dh_next)
         if s < all_active_below:
