@@ -21,16 +21,13 @@ from pathlib import Path
 TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # Pointer args that are not of the data dtype: int32 mask words, int64 indices and lengths.
 INDEX_POINTERS = {"bits_ptr": "*i32", "wi_ptr": "*i64", "mi_ptr": "*i64", "len_ptr": "*i64"}
-ML, LSTM = "mtlfast.triton_kernels.masked_linear", "mtlfast.triton_kernels.masked_lstm"
+GEMM, LSTM = "mtlfast.triton_kernels.masked_gemm", "mtlfast.triton_kernels.masked_lstm"
 # (kernel module, autotuned kernel name, the strides that are 1 for contiguous inputs: the JIT
 # specialises those to the constant 1, so they are compiled that way here too)
 KERNELS = [
-    (ML, "_forward_kernel", {"stride_xk", "stride_wk", "stride_on"}),
-    (ML, "_grad_input_kernel", {"stride_dn", "stride_wk", "stride_xk"}),
-    (ML, "_grad_weight_kernel", {"stride_dn", "stride_xk", "stride_wk"}),
-    (LSTM, "_grouped_forward_kernel", {"stride_xk", "stride_wk", "stride_bb", "stride_on"}),
-    (LSTM, "_grouped_grad_input_kernel", {"stride_dn", "stride_wk", "stride_xk"}),
-    (LSTM, "_grouped_grad_weight_kernel", {"stride_dn", "stride_xk", "stride_wk"}),
+    (GEMM, "_grouped_forward_kernel", {"stride_xk", "stride_wk", "stride_bb", "stride_on"}),
+    (GEMM, "_grouped_grad_input_kernel", {"stride_dn", "stride_wk", "stride_xk"}),
+    (GEMM, "_grouped_grad_weight_kernel", {"stride_dn", "stride_xk", "stride_wk"}),
     (LSTM, "_forward_step_kernel", {"stride_wk", "stride_xn", "stride_lb"}),
     (LSTM, "_backward_step_kernel", {"stride_wk", "stride_dh", "stride_lb"}),
 ]

@@ -4,7 +4,7 @@ each with its own weight set and bit-packed mask, run in the same launches.
 Shapes: G groups, S weight sets, P masks, T steps (step-major; the caller reversed the reverse
 groups), B batch rows, H hidden, gates in torch.nn.LSTM order (i, f, g, o). ``weight_index[g]``
 picks group g's weight set, ``mask_index[g]`` its mask (-1: unmasked); both are contiguous int64.
-Masks are read bit-packed and applied to weight tiles in registers (as in masked_linear.py), so
+Masks are read bit-packed and applied to weight tiles in registers (as in masked_gemm.py), so
 ``W ⊙ M`` never exists in memory.
 
 The recurrences run one launch per step for all groups. Each launch reads the state the previous
@@ -20,9 +20,10 @@ import torch
 import triton
 import triton.language as tl
 
-from mtlfast.triton_kernels import masked_linear as _ml
-from mtlfast.triton_kernels.masked_linear import (_INTERPRET, _configs, _dot, _grouped_tile, _keep_bits_kn,
-                                                  _keep_bits_nk, _needs_int64, _precision, _prune, _upcast)
+from mtlfast.triton_kernels import masked_gemm as _gemm
+from mtlfast.triton_kernels.masked_gemm import (  # noqa: F401  (the grouped GEMMs are part of this interface)
+    _INTERPRET, _dot, _group_mask, _int64, _keep_bits_kn, _keep_bits_nk, _mask_args, _precision, _upcast,
+    grouped_masked_matmul, grouped_masked_matmul_grad_input, grouped_masked_matmul_grad_weight)
 
 # ---------------------------------------------------------------------------------------------
 # Autotune candidates of the per-step kernels, (BLOCK_B, BLOCK_H, BLOCK_K or BLOCK_N, stages, warps).
@@ -51,7 +52,7 @@ _BACKWARD_STEP_SHAPES = [(16, 32, 64, 2, 4), (16, 32, 128, 3, 4), (32, 32, 64, 2
 
 
 def _step_configs(reduction: str, shapes):
-    """kwargs in (rows, cols, reduction) order, like masked_linear's configs; one config under the
+    """kwargs in (rows, cols, reduction) order, like masked_gemm's configs; one config under the
     interpreter, which would otherwise time every candidate (and its timings mean nothing)."""
     if _INTERPRET:
         return [triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, reduction: 32}, num_warps=4)]
@@ -60,14 +61,14 @@ def _step_configs(reduction: str, shapes):
 
 
 def fits_shared_memory(config, element_bytes: int) -> bool:
-    """masked_linear's estimate; the forward step (BLOCK_H with BLOCK_K) stages one h tile and
+    """masked_gemm's estimate; the forward step (BLOCK_H with BLOCK_K) stages one h tile and
     four weight tiles (one per gate) per K step. tests/triton_aot.py calls this for every kernel
     of this module."""
     kw = config.kwargs
     if "BLOCK_H" in kw and "BLOCK_K" in kw:
         per_stage = kw["BLOCK_B"] * kw["BLOCK_K"] + 4 * kw["BLOCK_K"] * kw["BLOCK_H"]
-        return config.num_stages * per_stage * element_bytes <= _ml._SHARED_BUDGET
-    return _ml.fits_shared_memory(config, element_bytes)
+        return config.num_stages * per_stage * element_bytes <= _gemm._SHARED_BUDGET
+    return _gemm.fits_shared_memory(config, element_bytes)
 
 
 def _prune_step(configs, named_args, **kwargs):
@@ -87,145 +88,6 @@ def _tanh(x):
     t = tl.exp(-2.0 * tl.abs(x))
     y = (1.0 - t) / (1.0 + t)
     return tl.where(x < 0, -y, y)
-
-
-@triton.jit
-def _group_mask(bits_ptr, stride_bp, mi_ptr, g, N):
-    """(bits of group g's mask, row limit, unmasked). An unmasked group (mask_index -1) gets a row
-    limit of 0, so the _keep_bits_* loads are predicated off and read nothing; `unmasked` then
-    keeps every weight."""
-    mi = tl.load(mi_ptr + g)
-    unmasked = mi < 0
-    return bits_ptr + tl.maximum(mi, 0) * stride_bp, tl.where(unmasked, 0, N), unmasked
-
-
-# ---------------------------------------------------------------------------------------------
-# Grouped masked GEMMs (input projections and their gradients). Grid: (tiles of one group, G).
-
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"), key=["M", "N", "K", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _grouped_forward_kernel(x_ptr, stride_xg, stride_xm, stride_xk,
-                            w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
-                            bits_ptr, stride_bp, stride_bn, mi_ptr,
-                            bias_ptr, stride_bg, stride_bb,
-                            out_ptr, stride_og, stride_om, stride_on, M, N, K,
-                            HAS_BIAS: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
-                            UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                            BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8, HAS_MASK: tl.constexpr = True):
-    """out[g] (M, N) = x[g] (M, K) @ (W[wi[g]] ⊙ M[mi[g]])^T + bias[g]."""
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    g = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    if INT64:
-        g = g.to(tl.int64)
-        offs_m = offs_m.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-    x_g = x_ptr + g * stride_xg
-    w_g = w_ptr + tl.load(wi_ptr + g) * stride_ws
-    if HAS_MASK:
-        bits_g, mask_rows, unmasked = _group_mask(bits_ptr, stride_bp, mi_ptr, g, N)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_g + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        w = tl.load(w_g + offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk,
-                    mask=(offs_n[None, :] < N) & (offs_k[:, None] < K), other=0.0)   # (BLOCK_K, BLOCK_N)
-        w = w.to(x.dtype)
-        if HAS_MASK:
-            keep = _keep_bits_kn(bits_g, stride_bn, k0, offs_n, mask_rows, K, BLOCK_K, BLOCK_N)
-            w = tl.where(keep | unmasked, w, tl.zeros_like(w))
-        acc = _dot(x, w, acc, PRECISION, UPCAST)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * stride_bg + offs_n * stride_bb, mask=offs_n < N, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
-    tl.store(out_ptr + g * stride_og + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
-             acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
-
-
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_K", "BLOCK_N"), key=["M", "N", "K", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _grouped_grad_input_kernel(dy_ptr, stride_dg, stride_dm, stride_dn,
-                               w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
-                               bits_ptr, stride_bp, stride_bn, mi_ptr,
-                               dx_ptr, stride_xg, stride_xm, stride_xk, M, N, K,
-                               INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                               BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-                               GROUP_M: tl.constexpr = 8, HAS_MASK: tl.constexpr = True):
-    """dx[g] (M, K) = dy[g] (M, N) @ (W[wi[g]] ⊙ M[mi[g]]) (N, K); the reduction runs over N."""
-    pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
-    g = tl.program_id(1)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    k0 = pid_k * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    if INT64:
-        g = g.to(tl.int64)
-        offs_m = offs_m.to(tl.int64)
-        offs_k = offs_k.to(tl.int64)
-    dy_g = dy_ptr + g * stride_dg
-    w_g = w_ptr + tl.load(wi_ptr + g) * stride_ws
-    if HAS_MASK:
-        bits_g, mask_rows, unmasked = _group_mask(bits_ptr, stride_bp, mi_ptr, g, N)
-    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        if INT64:
-            offs_n = offs_n.to(tl.int64)
-        dy = tl.load(dy_g + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn,
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
-        w = tl.load(w_g + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-                    mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)   # (BLOCK_N, BLOCK_K)
-        w = w.to(dy.dtype)
-        if HAS_MASK:
-            keep = _keep_bits_nk(bits_g, stride_bn, k0, offs_n, mask_rows, K, BLOCK_N, BLOCK_K)
-            w = tl.where(keep | unmasked, w, tl.zeros_like(w))
-        acc = _dot(dy, w, acc, PRECISION, UPCAST)
-    tl.store(dx_ptr + g * stride_xg + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-             acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
-
-
-@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_K", "BLOCK_M"), key=["M", "N", "K", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
-def _grouped_grad_weight_kernel(dy_ptr, stride_dg, stride_dm, stride_dn,
-                                x_ptr, stride_xg, stride_xm, stride_xk,
-                                bits_ptr, stride_bp, stride_bn, mi_ptr,
-                                dw_ptr, stride_wg, stride_wn, stride_wk, M, N, K,
-                                INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
-                                BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
-                                GROUP_M: tl.constexpr = 8, HAS_MASK: tl.constexpr = True):
-    """dW[g] (N, K) = M[mi[g]] ⊙ (dy[g]^T (N, M) @ x[g] (M, K)), fp32, exactly 0 off the mask."""
-    pid_n, pid_k = _grouped_tile(N, K, BLOCK_N, BLOCK_K, GROUP_M)
-    g = tl.program_id(1)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    k0 = pid_k * BLOCK_K
-    offs_k = k0 + tl.arange(0, BLOCK_K)
-    if INT64:
-        g = g.to(tl.int64)
-        offs_n = offs_n.to(tl.int64)
-        offs_k = offs_k.to(tl.int64)
-    dy_g = dy_ptr + g * stride_dg
-    x_g = x_ptr + g * stride_xg
-    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for m0 in range(0, M, BLOCK_M):
-        offs_m = m0 + tl.arange(0, BLOCK_M)
-        if INT64:
-            offs_m = offs_m.to(tl.int64)
-        dy_t = tl.load(dy_g + offs_n[:, None] * stride_dn + offs_m[None, :] * stride_dm,
-                       mask=(offs_n[:, None] < N) & (offs_m[None, :] < M), other=0.0)   # (BLOCK_N, BLOCK_M)
-        x = tl.load(x_g + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
-                    mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        acc = _dot(dy_t, x.to(dy_t.dtype), acc, PRECISION, UPCAST)
-    if HAS_MASK:
-        # The mask is applied once to the finished tile, not per M step: 1 bit per weight in all.
-        bits_g, mask_rows, unmasked = _group_mask(bits_ptr, stride_bp, mi_ptr, g, N)
-        keep = _keep_bits_nk(bits_g, stride_bn, k0, offs_n, mask_rows, K, BLOCK_N, BLOCK_K)
-        acc = tl.where(keep | unmasked, acc, 0.0)
-    tl.store(dw_ptr + g * stride_wg + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
-             acc.to(dw_ptr.dtype.element_ty), mask=(offs_n[:, None] < N) & (offs_k[None, :] < K))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,88 +283,6 @@ def _backward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
 
 # ---------------------------------------------------------------------------------------------
 # Launch helpers
-
-def _grid2(rows_key: str, cols_key: str, rows: int, cols: int, groups: int):
-    return lambda meta: (triton.cdiv(rows, meta[rows_key]) * triton.cdiv(cols, meta[cols_key]), groups)
-
-
-def _mask_args(bits: Optional[torch.Tensor], dummy: torch.Tensor):
-    """(bits pointer, stride over masks, stride over rows); an int tensor stands in for absent bits."""
-    if bits is None:
-        return dummy, 0, 0
-    return bits, bits.stride(0), bits.stride(1)
-
-
-def _int64(*tensors: Optional[torch.Tensor]) -> bool:
-    return _needs_int64(*(t for t in tensors if t is not None))
-
-
-def grouped_masked_matmul(x: torch.Tensor, weight: torch.Tensor, weight_index: torch.Tensor,
-                          bits: Optional[torch.Tensor], mask_index: torch.Tensor,
-                          bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    """x (G, R, K) (any strides, group stride 0 allowed), weight (S, N, K), bits (P, N, ceil(K/32))
-    or None, bias (G, N) or None -> (G, R, N) = x[g] @ (weight[wi[g]] ⊙ M[mi[g]])ᵀ + bias[g]."""
-    G, R, K = x.shape
-    N = weight.shape[1]
-    out = torch.empty((G, R, N), device=x.device, dtype=out_dtype or x.dtype)
-    if out.numel() == 0:
-        return out
-    if K == 0:
-        return out.copy_(bias.unsqueeze(1).expand(G, R, N)) if bias is not None else out.zero_()
-    bits_arg, stride_bp, stride_bn = _mask_args(bits, weight_index)
-    _grouped_forward_kernel[_grid2("BLOCK_M", "BLOCK_N", R, N, G)](
-        x, x.stride(0), x.stride(1), x.stride(2),
-        weight, weight.stride(0), weight.stride(1), weight.stride(2), weight_index,
-        bits_arg, stride_bp, stride_bn, mask_index,
-        bias if bias is not None else out, bias.stride(0) if bias is not None else 0,
-        bias.stride(1) if bias is not None else 0,
-        out, out.stride(0), out.stride(1), out.stride(2), R, N, K,
-        HAS_BIAS=bias is not None, INT64=_int64(x, weight, bits, bias, out), PRECISION=_precision(x.dtype),
-        UPCAST=_upcast(x.dtype), HAS_MASK=bits is not None)
-    return out
-
-
-def grouped_masked_matmul_grad_input(dy: torch.Tensor, weight: torch.Tensor, weight_index: torch.Tensor,
-                                     bits: Optional[torch.Tensor], mask_index: torch.Tensor) -> torch.Tensor:
-    """dy (G, R, N) -> dx (G, R, K) = dy[g] @ (weight[wi[g]] ⊙ M[mi[g]]), in dy's dtype."""
-    G, R, N = dy.shape
-    K = weight.shape[2]
-    dx = torch.empty((G, R, K), device=dy.device, dtype=dy.dtype)
-    if dx.numel() == 0:
-        return dx
-    if N == 0:
-        return dx.zero_()
-    bits_arg, stride_bp, stride_bn = _mask_args(bits, weight_index)
-    _grouped_grad_input_kernel[_grid2("BLOCK_M", "BLOCK_K", R, K, G)](
-        dy, dy.stride(0), dy.stride(1), dy.stride(2),
-        weight, weight.stride(0), weight.stride(1), weight.stride(2), weight_index,
-        bits_arg, stride_bp, stride_bn, mask_index,
-        dx, dx.stride(0), dx.stride(1), dx.stride(2), R, N, K,
-        INT64=_int64(dy, weight, bits, dx), PRECISION=_precision(dy.dtype), UPCAST=_upcast(dy.dtype),
-        HAS_MASK=bits is not None)
-    return dx
-
-
-def grouped_masked_matmul_grad_weight(dy: torch.Tensor, x: torch.Tensor, bits: Optional[torch.Tensor],
-                                      mask_index: torch.Tensor) -> torch.Tensor:
-    """dy (G, R, N), x (G, R, K) (group stride 0 allowed) -> dW (G, N, K) fp32 =
-    M[mi[g]] ⊙ (dy[g]ᵀ @ x[g]), exactly 0 outside the mask."""
-    G, R, N = dy.shape
-    K = x.shape[2]
-    dw = torch.empty((G, N, K), device=dy.device, dtype=torch.float32)
-    if dw.numel() == 0:
-        return dw
-    if R == 0:
-        return dw.zero_()
-    bits_arg, stride_bp, stride_bn = _mask_args(bits, mask_index)
-    _grouped_grad_weight_kernel[_grid2("BLOCK_N", "BLOCK_K", N, K, G)](
-        dy, dy.stride(0), dy.stride(1), dy.stride(2), x, x.stride(0), x.stride(1), x.stride(2),
-        bits_arg, stride_bp, stride_bn, mask_index,
-        dw, dw.stride(0), dw.stride(1), dw.stride(2), R, N, K,
-        INT64=_int64(dy, x, bits, dw), PRECISION=_precision(dy.dtype), UPCAST=_upcast(dy.dtype),
-        HAS_MASK=bits is not None)
-    return dw
-
 
 def _step_grid(B: int, H: int, G: int):
     return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(H, meta["BLOCK_H"]), G)
