@@ -156,3 +156,38 @@ def test_bad_input(case_name, override, error, fragments):
         call(masked_lstm_layer, case)
     for fragment in fragments:
         assert fragment in str(info.value), f"{fragment!r} not in {info.value}"
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compile_fullgraph(backend):
+    torch._dynamo.reset()
+    case = make_case(dtype=torch.float32)
+    ours = {k: (v.detach().clone().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in case.items()}
+    ref = {k: (v.detach().double().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in case.items()}
+    with mtlfast.use_backend(backend):
+        out = call(torch.compile(masked_lstm_layer, fullgraph=True), ours)
+    expected = call(masked_lstm_layer_reference, ref)
+    for name, a, b in zip(("y", "h_n", "c_n"), out, expected):
+        assert_close(a, b, torch.float32, name)
+    torch.autograd.backward(out, [torch.ones_like(o) for o in out])
+    torch.autograd.backward(expected, [torch.ones_like(o) for o in expected])
+    for name in DIFFERENTIABLE:
+        assert_close(ours[name].grad, ref[name].grad, torch.float32, f"gradient of {name}")
+
+
+@pytest.mark.parametrize("backend", backend_params(DEVICE, ("cpu", "triton")))
+def test_opcheck(backend):
+    from mtlfast.bitmask import pack_mask
+    from mtlfast.ops.masked_lstm import MASK_FORMAT
+    case = make_case(G=2, T=3, B=2, I=5, H=4, S=1, P=2, dtype=torch.float32)
+    if MASK_FORMAT[backend] == "bits":
+        case["masks_ih"], case["masks_hh"] = pack_mask(case["masks_ih"]), pack_mask(case["masks_hh"])
+    args = tuple(case[k].requires_grad_() if k in DIFFERENTIABLE else case[k] for k in ORDER) + (backend,)
+    torch.library.opcheck(torch.ops.mtlfast.masked_lstm_layer.default, args)
+    outs = torch.ops.mtlfast.masked_lstm_layer(*args)
+    xs, hs, gates, cells = (o.detach() for o in outs[3:])
+    grads = tuple(torch.randn_like(o) for o in outs[:3])
+    backward_args = (*grads, xs, case["h0"].detach(), case["c0"].detach(), case["w_ih"].detach(),
+                     case["w_hh"].detach(), case["weight_index"], case["masks_ih"], case["masks_hh"],
+                     case["mask_index"], case["lengths"], case["reverse"], hs, gates, cells, True, backend)
+    torch.library.opcheck(torch.ops.mtlfast.masked_lstm_layer_backward.default, backward_args)

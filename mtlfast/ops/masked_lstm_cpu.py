@@ -14,7 +14,6 @@ from typing import NamedTuple, Optional, Tuple
 
 import torch
 
-MASK_FORMAT = "bool"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

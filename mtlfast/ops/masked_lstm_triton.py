@@ -9,7 +9,6 @@ import torch
 
 from mtlfast.triton_kernels import masked_lstm as K
 
-MASK_FORMAT = "bits"
 
 
 class Weights(NamedTuple):
