@@ -555,6 +555,18 @@ cudaError_t grad_weight_impl(int64_t M, int64_t N, int64_t K, const void* dy, in
   return run_gemm<T, Op::kGradWeight>(p, stream);
 }
 
+// Runs fn(T{}) for the element type `dtype` names; an unknown code is an invalid value.
+template <typename Fn>
+cudaError_t with_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::kFloat32: return fn(float{});
+    case DType::kFloat16: return fn(__half{});
+    case DType::kBFloat16: return fn(__nv_bfloat16{});
+    case DType::kFloat64: return fn(double{});
+  }
+  return cudaErrorInvalidValue;
+}
+
 }  // namespace
 
 // Every output element that exists is written, also when the reduction is empty: forward with
@@ -570,17 +582,10 @@ cudaError_t masked_linear_forward(DType dtype, int64_t M, int64_t N, int64_t K,
                                   cudaStream_t stream) {
   if (M < 0 || N < 0 || K < 0) return cudaErrorInvalidValue;
   if (M == 0 || N == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::kFloat32:
-      return forward_impl<float>(M, N, K, x, sxm, sxk, w, swn, swk, mask_bits, mask_row_stride, bias, out, som, son, stream);
-    case DType::kFloat16:
-      return forward_impl<__half>(M, N, K, x, sxm, sxk, w, swn, swk, mask_bits, mask_row_stride, bias, out, som, son, stream);
-    case DType::kBFloat16:
-      return forward_impl<__nv_bfloat16>(M, N, K, x, sxm, sxk, w, swn, swk, mask_bits, mask_row_stride, bias, out, som, son, stream);
-    case DType::kFloat64:
-      return forward_impl<double>(M, N, K, x, sxm, sxk, w, swn, swk, mask_bits, mask_row_stride, bias, out, som, son, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return forward_impl<T>(M, N, K, x, sxm, sxk, w, swn, swk, mask_bits, mask_row_stride, bias, out, som, son, stream);
+  });
 }
 
 cudaError_t masked_linear_grad_input(DType dtype, int64_t M, int64_t N, int64_t K,
@@ -591,17 +596,10 @@ cudaError_t masked_linear_grad_input(DType dtype, int64_t M, int64_t N, int64_t 
                                      cudaStream_t stream) {
   if (M < 0 || N < 0 || K < 0) return cudaErrorInvalidValue;
   if (M == 0 || K == 0) return cudaSuccess;
-  switch (dtype) {
-    case DType::kFloat32:
-      return grad_input_impl<float>(M, N, K, dy, sdm, sdn, w, swn, swk, mask_bits, mask_row_stride, dx, sxm, sxk, stream);
-    case DType::kFloat16:
-      return grad_input_impl<__half>(M, N, K, dy, sdm, sdn, w, swn, swk, mask_bits, mask_row_stride, dx, sxm, sxk, stream);
-    case DType::kBFloat16:
-      return grad_input_impl<__nv_bfloat16>(M, N, K, dy, sdm, sdn, w, swn, swk, mask_bits, mask_row_stride, dx, sxm, sxk, stream);
-    case DType::kFloat64:
-      return grad_input_impl<double>(M, N, K, dy, sdm, sdn, w, swn, swk, mask_bits, mask_row_stride, dx, sxm, sxk, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return grad_input_impl<T>(M, N, K, dy, sdm, sdn, w, swn, swk, mask_bits, mask_row_stride, dx, sxm, sxk, stream);
+  });
 }
 
 cudaError_t masked_linear_grad_weight(DType dtype, int64_t M, int64_t N, int64_t K,
@@ -613,17 +611,10 @@ cudaError_t masked_linear_grad_weight(DType dtype, int64_t M, int64_t N, int64_t
                                       cudaStream_t stream) {
   if (M < 0 || N < 0 || K < 0) return cudaErrorInvalidValue;
   if (N == 0 || (K == 0 && dbias == nullptr)) return cudaSuccess;
-  switch (dtype) {
-    case DType::kFloat32:
-      return grad_weight_impl<float>(M, N, K, dy, sdm, sdn, x, sxm, sxk, mask_bits, mask_row_stride, dw, swn, swk, dbias, stream);
-    case DType::kFloat16:
-      return grad_weight_impl<__half>(M, N, K, dy, sdm, sdn, x, sxm, sxk, mask_bits, mask_row_stride, dw, swn, swk, dbias, stream);
-    case DType::kBFloat16:
-      return grad_weight_impl<__nv_bfloat16>(M, N, K, dy, sdm, sdn, x, sxm, sxk, mask_bits, mask_row_stride, dw, swn, swk, dbias, stream);
-    case DType::kFloat64:
-      return grad_weight_impl<double>(M, N, K, dy, sdm, sdn, x, sxm, sxk, mask_bits, mask_row_stride, dw, swn, swk, dbias, stream);
-  }
-  return cudaErrorInvalidValue;
+  return with_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return grad_weight_impl<T>(M, N, K, dy, sdm, sdn, x, sxm, sxk, mask_bits, mask_row_stride, dw, swn, swk, dbias, stream);
+  });
 }
 
 }  // namespace cuda
