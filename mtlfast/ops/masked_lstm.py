@@ -32,8 +32,10 @@ def reverse_within_lengths(seq: torch.Tensor, lengths: torch.Tensor, reverse: to
     """seq (G, T, B, ...) -> for groups with reverse[g], each row's first lengths[g, b] steps in
     reverse order (the rest left in place); other groups unchanged. Its own inverse."""
     G, T, B = seq.shape[:3]
-    # Full rows: a plain flip, no gather (a host check, so not while torch.compile traces).
-    if not torch.compiler.is_compiling() and lengths.numel() and bool((lengths == T).all()):
+    # Full rows: a plain flip instead of a gather. The check reads a value on the host, so it is
+    # made only where that costs no device sync (CPU tensors) and not while torch.compile traces.
+    if (lengths.device.type == "cpu" and not torch.compiler.is_compiling() and lengths.numel()
+            and bool((lengths == T).all())):
         flipped = seq.flip(1)
         return torch.where(reverse.view(G, *([1] * (seq.dim() - 1))), flipped, seq)
     t = torch.arange(T, device=seq.device).view(1, T, 1)
@@ -318,18 +320,25 @@ def _validate(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_h
                         ("reverse", reverse)):
         if value is not None:
             _checks.same_device(OP, "x", x, name, value)
-    # Index ranges need host values; small (G,) and (G, B) tensors, checked once per layer call
-    # (not while torch.compile traces: the values are data, and reading them would break the graph).
+    # Index ranges need host values: one read for all of them (a single device sync on a GPU),
+    # and the detailed message only when something is out of range. Not while torch.compile
+    # traces: the values are data, and reading them would break the graph.
     if torch.compiler.is_compiling():
         return
-    if G and (int(weight_index.min()) < 0 or int(weight_index.max()) >= S):
-        raise ValueError(f"{OP}: argument 'weight_index' must be in [0, {S}), got {weight_index.tolist()}")
     num_masks = max((m.shape[0] for m in (masks_ih, masks_hh) if m is not None), default=0)
-    if G and (int(mask_index.min()) < -1 or int(mask_index.max()) >= num_masks):
-        raise ValueError(f"{OP}: argument 'mask_index' must be in [-1, {num_masks}), got {mask_index.tolist()}")
-    if lengths.numel() and (int(lengths.min()) < 0 or int(lengths.max()) > T):
-        raise ValueError(f"{OP}: argument 'lengths' must be in [0, {T}] (T = x.shape[1]), "
-                         f"got min {int(lengths.min())} and max {int(lengths.max())}")
+    ranges = [(name, t, low, high, text) for name, t, low, high, text in (
+        ("weight_index", weight_index, 0, S - 1, f"[0, {S})"),
+        ("mask_index", mask_index, -1, num_masks - 1, f"[-1, {num_masks})"),
+        ("lengths", lengths, 0, T, f"[0, {T}] (T = x.shape[1])")) if t.numel()]
+    if not ranges:
+        return
+    out_of_range = torch.stack([(t.min() < low) | (t.max() > high) for _, t, low, high, _ in ranges])
+    if not bool(out_of_range.any()):
+        return
+    for (name, t, _, _, text), bad in zip(ranges, out_of_range.tolist()):
+        if bad:
+            raise ValueError(f"{OP}: argument '{name}' must be in {text}, got min {int(t.min())} "
+                             f"and max {int(t.max())}")
 
 
 def masked_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor,
@@ -341,6 +350,14 @@ def masked_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih:
     :func:`masked_lstm_layer_reference`. Gradients of w_ih / w_hh are Σ over the groups using
     a weight set of mask ⊙ that group's gradient."""
     _validate(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse)
+    return run_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths,
+                     reverse)
+
+
+def run_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse):
+    """:func:`masked_lstm_layer` without its validation, for callers whose arguments are valid by
+    construction (SparseSharingLSTM): validation reads index ranges on the host, a device sync
+    per layer on a GPU."""
     backend = DISPATCH.select(x)
     if backend == "reference":
         return masked_lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih,
