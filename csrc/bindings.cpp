@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "cpu/lstm_cell.h"
+#include "cpu/lstm_recurrence.h"
 
 #ifdef MTLFAST_WITH_CUDA
 #include <cuda_runtime.h>
@@ -67,56 +67,75 @@ int cuda_device_count() {
   }
   return count;
 }
-
-template <typename T>
-T* ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
 #else
 int cuda_device_count() { return 0; }
 #endif
 
+// Pointers cross the binding as integers (tensor.data_ptr()); 0 is null.
+template <typename T>
+T* ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
+
 }  // namespace
 
-// CPU LSTM cell: dtype 0 = float32, 3 = float64 (csrc/cuda/dtype.h numbering).
-void lstm_cell_forward(int dtype, int64_t G, int64_t B, int64_t H, int64_t step, std::uintptr_t pre,
-                       std::uintptr_t lengths, std::uintptr_t h_state, std::uintptr_t c_state, std::uintptr_t hs,
-                       int64_t hs_sg, std::uintptr_t gates, int64_t gates_sg, std::uintptr_t cells, int64_t cells_sg) {
-  auto run = [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    mtlfast::cpu::lstm_cell_forward<T>(G, B, H, step, reinterpret_cast<const T*>(pre),
-                                       reinterpret_cast<const int64_t*>(lengths), reinterpret_cast<T*>(h_state),
-                                       reinterpret_cast<T*>(c_state), reinterpret_cast<T*>(hs), hs_sg,
-                                       reinterpret_cast<T*>(gates), gates_sg, reinterpret_cast<T*>(cells), cells_sg);
-  };
-  if (dtype == 0) run(static_cast<float*>(nullptr));
-  else if (dtype == 3) run(static_cast<double*>(nullptr));
-  else throw py::value_error("mtlfast._C.lstm_cell_forward: dtype must be 0 (float32) or 3 (float64)");
+// CPU kernels take dtype 0 = float32 or 3 = float64 (csrc/cuda/dtype.h numbering).
+template <typename F>
+void with_cpu_dtype(int dtype, const char* name, F&& run) {
+  if (dtype == 0) {
+    run(static_cast<float*>(nullptr));
+  } else if (dtype == 3) {
+    run(static_cast<double*>(nullptr));
+  } else {
+    throw py::value_error(std::string("mtlfast._C.") + name + ": dtype must be 0 (float32) or 3 (float64), got " +
+                          std::to_string(dtype));
+  }
 }
 
-void lstm_cell_backward(int dtype, int64_t G, int64_t B, int64_t H, int64_t step, std::uintptr_t lengths,
-                        std::uintptr_t gates, int64_t gates_sg, std::uintptr_t cells, int64_t cells_sg,
-                        std::uintptr_t c_prev, int64_t c_prev_sg, std::uintptr_t dhs, int64_t dhs_sg,
-                        std::uintptr_t dh, std::uintptr_t dc, std::uintptr_t dgates, int64_t dgates_sg) {
-  auto run = [&](auto* tag) {
+void lstm_forward(int dtype, int64_t G, int64_t T_, int64_t B, int64_t H, std::uintptr_t xproj, std::uintptr_t w,
+                  std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t lengths, std::uintptr_t reverse,
+                  std::uintptr_t hs, std::uintptr_t gates, std::uintptr_t cells, std::uintptr_t h_prev,
+                  std::uintptr_t h_n, std::uintptr_t c_n, int threads) {
+  with_cpu_dtype(dtype, "lstm_forward", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    mtlfast::cpu::lstm_cell_backward<T>(G, B, H, step, reinterpret_cast<const int64_t*>(lengths),
-                                        reinterpret_cast<const T*>(gates), gates_sg, reinterpret_cast<const T*>(cells),
-                                        cells_sg, reinterpret_cast<const T*>(c_prev), c_prev_sg,
-                                        reinterpret_cast<const T*>(dhs), dhs_sg, reinterpret_cast<const T*>(dh),
-                                        reinterpret_cast<T*>(dc), reinterpret_cast<T*>(dgates), dgates_sg);
-  };
-  if (dtype == 0) run(static_cast<float*>(nullptr));
-  else if (dtype == 3) run(static_cast<double*>(nullptr));
-  else throw py::value_error("mtlfast._C.lstm_cell_backward: dtype must be 0 (float32) or 3 (float64)");
+    mtlfast::cpu::lstm_forward<T>(G, T_, B, H, ptr<const T>(xproj), ptr<const T>(w), ptr<const T>(h0), ptr<const T>(c0),
+                                  ptr<const int64_t>(lengths), ptr<const bool>(reverse), ptr<T>(hs), ptr<T>(gates),
+                                  ptr<T>(cells), ptr<T>(h_prev), ptr<T>(h_n), ptr<T>(c_n), threads);
+  });
+}
+
+void lstm_backward(int dtype, int64_t G, int64_t T_, int64_t B, int64_t H, std::uintptr_t dhs, std::uintptr_t dh_n,
+                   std::uintptr_t dc_n, std::uintptr_t gates, std::uintptr_t cells, std::uintptr_t c0,
+                   std::uintptr_t w, std::uintptr_t lengths, std::uintptr_t reverse, std::uintptr_t dgates,
+                   std::uintptr_t dh0, std::uintptr_t dc0, int threads) {
+  with_cpu_dtype(dtype, "lstm_backward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mtlfast::cpu::lstm_backward<T>(G, T_, B, H, ptr<const T>(dhs), ptr<const T>(dh_n), ptr<const T>(dc_n),
+                                   ptr<const T>(gates), ptr<const T>(cells), ptr<const T>(c0), ptr<const T>(w),
+                                   ptr<const int64_t>(lengths), ptr<const bool>(reverse), ptr<T>(dgates), ptr<T>(dh0),
+                                   ptr<T>(dc0), threads);
+  });
+}
+
+void mask_select(int dtype, int64_t G, int64_t size, std::uintptr_t src, std::uintptr_t index, std::uintptr_t masks,
+                 std::uintptr_t mask_index, std::uintptr_t out, int threads) {
+  with_cpu_dtype(dtype, "mask_select", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mtlfast::cpu::mask_select<T>(G, size, ptr<const T>(src), ptr<const int64_t>(index), ptr<const bool>(masks),
+                                 ptr<const int64_t>(mask_index), ptr<T>(out), threads);
+  });
 }
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mtlfast native kernels (CPU and CUDA), framework-free";
   m.def("build_info", &build_info,
         "dict: version, cpu, cuda (CUDA kernels compiled), cuda_archs, cuda_version");
-  m.def("lstm_cell_forward", &lstm_cell_forward, py::call_guard<py::gil_scoped_release>(),
-        "One LSTM step for (G, B) rows on CPU (csrc/cpu/lstm_cell.h); pointers as integers");
-  m.def("lstm_cell_backward", &lstm_cell_backward, py::call_guard<py::gil_scoped_release>(),
-        "Backward of one LSTM step on CPU (csrc/cpu/lstm_cell.h); pointers as integers");
+  m.def("lstm_forward", &lstm_forward, py::call_guard<py::gil_scoped_release>(),
+        "Every step of G x B LSTM rows on CPU, recurrent matmul and cell fused (csrc/cpu/lstm_recurrence.h); "
+        "pointers as integers");
+  m.def("lstm_backward", &lstm_backward, py::call_guard<py::gil_scoped_release>(),
+        "Backward of lstm_forward (csrc/cpu/lstm_recurrence.h); pointers as integers");
+  m.def("mask_select", &mask_select, py::call_guard<py::gil_scoped_release>(),
+        "out[g] = src[index[g]] where masks[mask_index[g]], else 0 (csrc/cpu/lstm_recurrence.h); pointers as "
+        "integers, 0 = null");
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to mtlfast._C (0 without a driver)");
 #ifdef MTLFAST_WITH_CUDA
   // Same arguments, same order as csrc/cuda/masked_linear.h; pointers and the stream as integers

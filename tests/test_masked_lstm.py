@@ -186,9 +186,9 @@ def test_opcheck(backend):
     args = tuple(case[k].requires_grad_() if k in DIFFERENTIABLE else case[k] for k in ORDER) + (backend,)
     torch.library.opcheck(torch.ops.mtlfast.masked_lstm_layer.default, args)
     outs = torch.ops.mtlfast.masked_lstm_layer(*args)
-    xs, hs, gates, cells = (o.detach() for o in outs[3:])
+    h_prev, gates, cells = (o.detach() for o in outs[3:])
     grads = tuple(torch.randn_like(o) for o in outs[:3])
-    backward_args = (*grads, xs, case["h0"].detach(), case["c0"].detach(), case["w_ih"].detach(),
+    backward_args = (*grads, case["x"].detach(), case["h0"].detach(), case["c0"].detach(), case["w_ih"].detach(),
                      case["w_hh"].detach(), case["weight_index"], case["masks_ih"], case["masks_hh"],
-                     case["mask_index"], case["lengths"], case["reverse"], hs, gates, cells, True, backend)
+                     case["mask_index"], case["lengths"], case["reverse"], h_prev, gates, cells, True, backend)
     torch.library.opcheck(torch.ops.mtlfast.masked_lstm_layer_backward.default, backward_args)

@@ -9,6 +9,7 @@ import torch
 pytest.importorskip("triton")
 
 from mtlfast.bitmask import pack_mask  # noqa: E402
+from mtlfast.ops.masked_lstm import reverse_within_lengths  # noqa: E402
 from mtlfast.triton_kernels import masked_gemm, masked_lstm as K  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
 
@@ -140,12 +141,12 @@ def test_int64_offsets_match(monkeypatch):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
     for a, b in zip(rec, K.forward_recurrence(*fwd)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
-    xproj, h0, c0, w_hh, wi, bits_hh, mi, lengths = fwd
-    _, _, _, gates, cells = rec
+    xproj, h0, c0, w_hh, wi, bits_hh, mi, lengths, reverse = fwd
+    _, _, _, gates, cells, _ = rec
     G_, T, B, H4 = gates.shape
     grads = [torch.randn(G_, T, B, H4 // 4, device=DEVICE), torch.randn(G_, B, H4 // 4, device=DEVICE),
              torch.randn(G_, B, H4 // 4, device=DEVICE)]
-    args = (*grads, gates, cells, c0, w_hh, wi, bits_hh, mi, lengths)
+    args = (*grads, gates, cells, c0, w_hh, wi, bits_hh, mi, lengths, reverse)
     large_b = K.backward_recurrence(*args)
     monkeypatch.undo()
     for a, b in zip(K.backward_recurrence(*args), large_b):
@@ -167,19 +168,23 @@ def recurrence_inputs(G, T, B, H, dtype, *, S=2, P=2, with_masks=True, lengths=N
         lengths[0, 0] = 0                      # a row that never runs
         lengths[-1, -1] = T                    # one that runs every step
     bits = pack_mask(m) if with_masks else None
-    return xproj, h0, c0, w_hh, wi, bits, mi, lengths.to(torch.int64)
+    reverse = torch.arange(G, device=DEVICE) % 2 == 1         # every other group runs backwards
+    return xproj, h0, c0, w_hh, wi, bits, mi, lengths.to(torch.int64), reverse
 
 
-def oracle_forward(xproj, h0, c0, w_hh, wi, bits, mi, lengths):
-    """Per-step loop in fp32, differentiable in xproj, h0, c0. h is rounded to w_hh's dtype for the
-    product, as the kernels (and cuDNN) do."""
+def oracle_forward(xproj, h0, c0, w_hh, wi, bits, mi, lengths, reverse):
+    """Per-step loop in fp32, differentiable in xproj, h0, c0; reverse groups by reversing each
+    row's first lengths steps around the loop. h is rounded to w_hh's dtype for the product, as
+    the kernels (and cuDNN) do. -> hs, h_n, c_n, gates, cells, h_prev (the h entering each step)."""
     G, T, B, H4 = xproj.shape
     H = H4 // 4
     m = None if bits is None else _unpack(bits, H)
     ws = torch.stack(masked_weights(w_hh, wi, m, mi)).float()      # (G, 4H, H), values of w_hh's dtype
+    xproj = reverse_within_lengths(xproj, lengths, reverse)
     h, c = h0, c0
-    hs, gates, cells = [], [], []
+    hs, gates, cells, h_prev = [], [], [], []
     for s in range(T):
+        h_prev.append(h)
         pre = xproj[:, s] + torch.bmm(h.to(w_hh.dtype).float(), ws.transpose(1, 2))
         i, f, z, o = pre.chunk(4, dim=-1)
         i, f, z, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(z), torch.sigmoid(o)
@@ -191,7 +196,8 @@ def oracle_forward(xproj, h0, c0, w_hh, wi, bits, mi, lengths):
         hs.append(torch.where(active, h_new, 0.0))
         gates.append(torch.where(active, torch.cat((i, f, z, o), -1), 0.0))
         cells.append(c)
-    return torch.stack(hs, 1), h, c, torch.stack(gates, 1), torch.stack(cells, 1)
+    back = lambda seq: reverse_within_lengths(torch.stack(seq, 1), lengths, reverse)   # noqa: E731
+    return back(hs), h, c, back(gates), back(cells), back(h_prev)
 
 
 def _unpack(bits, columns):
@@ -209,10 +215,10 @@ def test_forward_recurrence(dtype, shape):
     args = recurrence_inputs(*shape, dtype)
     got = K.forward_recurrence(*args)
     want = oracle_forward(*args)
-    for name, a, b in zip(("hs", "h_n", "c_n", "gates", "cells"), got, want):
+    for name, a, b in zip(("hs", "h_n", "c_n", "gates", "cells", "h_prev"), got, want, strict=True):
         assert a.shape == b.shape and a.dtype == torch.float32, name
         close(a, b, dtype)
-    lengths = args[-1]
+    lengths = args[7]
     G, T, B, H = shape
     inactive = torch.arange(T, device=DEVICE).view(1, T, 1) >= lengths.unsqueeze(1)     # (G, T, B)
     assert torch.all(got[0][inactive] == 0) and torch.all(got[3][inactive] == 0)
@@ -234,8 +240,9 @@ def test_forward_recurrence_fp16():
 
 
 def test_forward_recurrence_zero_steps():
-    xproj, h0, c0, w_hh, wi, bits, mi, lengths = recurrence_inputs(2, 1, 3, 7, torch.float32)
-    hs, h_n, c_n, gates, cells = K.forward_recurrence(xproj[:, :0], h0, c0, w_hh, wi, bits, mi, lengths * 0)
+    xproj, h0, c0, w_hh, wi, bits, mi, lengths, reverse = recurrence_inputs(2, 1, 3, 7, torch.float32)
+    hs, h_n, c_n, gates, cells, h_prev = K.forward_recurrence(xproj[:, :0], h0, c0, w_hh, wi, bits, mi, lengths * 0,
+                                                              reverse)
     assert hs.shape == (2, 0, 3, 7) and gates.shape == (2, 0, 3, 28)
     assert torch.equal(h_n, h0) and torch.equal(c_n, c0)
 
@@ -243,7 +250,7 @@ def test_forward_recurrence_zero_steps():
 def oracle_backward(dhs, dh_n, dc_n, fwd_args):
     xproj, h0, c0, *rest = fwd_args
     xproj, h0, c0 = (t.detach().clone().requires_grad_() for t in (xproj, h0, c0))
-    hs, h_n, c_n, gates, cells = oracle_forward(xproj, h0, c0, *rest)
+    hs, h_n, c_n, gates, cells, _ = oracle_forward(xproj, h0, c0, *rest)
     loss = (hs * dhs).sum() + (h_n * dh_n).sum() + (c_n * dc_n).sum()
     loss.backward()
     # xproj enters each pre-activation additively, so its gradient is dgates
@@ -258,8 +265,8 @@ def test_backward_recurrence(dtype, shape):
     dhs = torch.randn(G, T, B, H, device=DEVICE)
     dh_n, dc_n = torch.randn(G, B, H, device=DEVICE), torch.randn(G, B, H, device=DEVICE)
     want, (gates, cells) = oracle_backward(dhs, dh_n, dc_n, args)
-    xproj, h0, c0, w_hh, wi, bits, mi, lengths = args
-    got = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths)
+    xproj, h0, c0, w_hh, wi, bits, mi, lengths, reverse = args
+    got = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths, reverse)
     for name, a, b in zip(("dgates", "dh0", "dc0"), got, want):
         assert a.shape == b.shape and a.dtype == torch.float32, name
         close(a, b, dtype)
@@ -278,8 +285,8 @@ def test_backward_recurrence_unmasked_strided_grads(dtype):
     dh_n = torch.zeros(1, 1, 1, device=DEVICE).expand(G, B, H)
     dc_n = torch.randn(G, B, H, device=DEVICE)
     want, (gates, cells) = oracle_backward(dhs, dh_n, dc_n, args)
-    xproj, h0, c0, w_hh, wi, bits, mi, lengths = args
-    got = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths)
+    xproj, h0, c0, w_hh, wi, bits, mi, lengths, reverse = args
+    got = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths, reverse)
     for a, b in zip(got, want):
         close(a, b, dtype)
 
@@ -288,11 +295,11 @@ def test_backward_recurrence_from_kernel_forward():
     """Forward and backward kernels chained, as the orchestrator runs them."""
     G, T, B, H = 3, 4, 5, 33
     args = recurrence_inputs(G, T, B, H, torch.float32)
-    hs, h_n, c_n, gates, cells = K.forward_recurrence(*args)
+    hs, h_n, c_n, gates, cells, _ = K.forward_recurrence(*args)
     dhs = torch.randn(G, T, B, H, device=DEVICE)
     dh_n, dc_n = torch.randn(G, B, H, device=DEVICE), torch.randn(G, B, H, device=DEVICE)
     want, _ = oracle_backward(dhs, dh_n, dc_n, args)
-    xproj, h0, c0, w_hh, wi, bits, mi, lengths = args
-    got = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths)
+    xproj, h0, c0, w_hh, wi, bits, mi, lengths, reverse = args
+    got = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths, reverse)
     for a, b in zip(got, want):
         close(a, b, torch.float32)

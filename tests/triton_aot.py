@@ -19,8 +19,9 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
-# Pointer args that are not of the data dtype: int32 mask words, int64 indices and lengths.
-INDEX_POINTERS = {"bits_ptr": "*i32", "wi_ptr": "*i64", "mi_ptr": "*i64", "len_ptr": "*i64"}
+# Pointer args that are not of the data dtype: int32 mask words, int64 indices and lengths, bool
+# direction flags.
+INDEX_POINTERS = {"bits_ptr": "*i32", "wi_ptr": "*i64", "mi_ptr": "*i64", "len_ptr": "*i64", "rev_ptr": "*i1"}
 GEMM, LSTM = "mtlfast.triton_kernels.masked_gemm", "mtlfast.triton_kernels.masked_lstm"
 # (kernel module, autotuned kernel name, the strides that are 1 for contiguous inputs: the JIT
 # specialises those to the constant 1, so they are compiled that way here too)

@@ -1,8 +1,10 @@
 """Triton kernels for the grouped masked LSTM: G groups (task × direction) of one shared LSTM,
 each with its own weight set and bit-packed mask, run in the same launches.
 
-Shapes: G groups, S weight sets, P masks, T steps (step-major; the caller reversed the reverse
-groups), B batch rows, H hidden, gates in torch.nn.LSTM order (i, f, g, o). ``weight_index[g]``
+Shapes: G groups, S weight sets, P masks, T steps (every sequence array in time order: a reverse
+group walks each row's first lengths[g, b] steps backwards, like a packed sequence, by indexing,
+so nothing is ever reversed in memory), B batch rows, H hidden, gates in torch.nn.LSTM order
+(i, f, g, o). ``weight_index[g]``
 picks group g's weight set, ``mask_index[g]`` its mask (-1: unmasked); both are contiguous int64.
 Masks are read bit-packed and applied to weight tiles in registers (as in masked_gemm.py), so
 ``W ⊙ M`` never exists in memory.
@@ -82,6 +84,13 @@ def _prune_step(configs, named_args, **kwargs):
 # Shared jit helpers
 
 @triton.jit
+def _time_of(step, length, rev):
+    """The time slot step `step` of rows with `length` reads and writes: backwards within the
+    length for a reverse group; padded steps map to themselves (a permutation of the slots)."""
+    return tl.where(rev & (step < length), length - 1 - step, step)
+
+
+@triton.jit
 def _tanh(x):
     # libdevice.tanh does not exist under the interpreter; exp of a non-positive argument cannot
     # overflow, and the absolute error stays at fp32 rounding level near 0.
@@ -114,15 +123,16 @@ def _gate_dot(hp, w_g, stride_wn, stride_wk, bits_g, stride_bn, mask_rows, unmas
 def _forward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
                          bits_ptr, stride_bp, stride_bn, mi_ptr,
                          xproj_ptr, stride_xg, stride_xt, stride_xb, stride_xn,
-                         len_ptr, stride_lg, stride_lb,
+                         len_ptr, stride_lg, stride_lb, rev_ptr,
                          h_in_ptr, c_in_ptr, h_out_ptr, c_out_ptr,
-                         hs_ptr, cells_ptr, gates_ptr, step, T, B, H,
+                         hs_ptr, cells_ptr, gates_ptr, hprev_ptr, step, T, B, H,
                          INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_MASK: tl.constexpr = True):
     """One step for a (batch, hidden) tile of one group: the four gate pre-activations of the tile
     as masked dots over K = H, plus xproj, then the cell update, all in registers; the activated
-    gates are stored once (for backward), never re-read."""
+    gates are stored once (for backward), never re-read. Each row reads and writes its own time
+    slot (reverse groups); h_prev keeps the h that entered (for the weight gradient)."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     tiles_b = tl.cdiv(B, BLOCK_B)
@@ -161,7 +171,9 @@ def _forward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
         acc_o = _gate_dot(hp, w_g, stride_wn, stride_wk, bits_g, stride_bn, mask_rows, unmasked, 3, H, k0, offs_k,
                           offs_h, acc_o, HAS_MASK, PRECISION, UPCAST, BLOCK_K, BLOCK_H)
 
-    x_tile = xproj_ptr + g * stride_xg + step * stride_xt + offs_b[:, None] * stride_xb + offs_h[None, :] * stride_xn
+    length = tl.load(len_ptr + g * stride_lg + offs_b * stride_lb, mask=row_ok, other=0)
+    t_b = _time_of(step, length, tl.load(rev_ptr + g) != 0)[:, None]
+    x_tile = xproj_ptr + g * stride_xg + t_b * stride_xt + offs_b[:, None] * stride_xb + offs_h[None, :] * stride_xn
     x_gate = H * stride_xn
     i = tl.sigmoid(acc_i + tl.load(x_tile, mask=tile_ok, other=0.0).to(tl.float32))
     f = tl.sigmoid(acc_f + tl.load(x_tile + x_gate, mask=tile_ok, other=0.0).to(tl.float32))
@@ -172,7 +184,6 @@ def _forward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
     c_prev = tl.load(c_in_ptr + state, mask=tile_ok, other=0.0).to(tl.float32)
     c = f * c_prev + i * z
     h = o * _tanh(c)
-    length = tl.load(len_ptr + g * stride_lg + offs_b * stride_lb, mask=row_ok, other=0)
     active = (step < length)[:, None]
     # Inactive rows carry their state; its h is re-read only here (a tile already in L1/L2).
     h_prev = tl.load(h_in_ptr + state, mask=tile_ok, other=0.0).to(tl.float32)
@@ -180,10 +191,11 @@ def _forward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
     tl.store(h_out_ptr + state, tl.where(active, h, h_prev).to(h_out_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(c_out_ptr + state, c.to(c_out_ptr.dtype.element_ty), mask=tile_ok)
 
-    seq = ((g * T + step) * B + offs_b[:, None]) * H + offs_h[None, :]
+    seq = ((g * T + t_b) * B + offs_b[:, None]) * H + offs_h[None, :]
     tl.store(hs_ptr + seq, tl.where(active, h, 0.0).to(hs_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(cells_ptr + seq, c.to(cells_ptr.dtype.element_ty), mask=tile_ok)
-    gate = ((g * T + step) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+    tl.store(hprev_ptr + seq, h_prev.to(hprev_ptr.dtype.element_ty), mask=tile_ok)
+    gate = ((g * T + t_b) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
     tl.store(gates_ptr + gate, tl.where(active, i, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(gates_ptr + gate + H, tl.where(active, f, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(gates_ptr + gate + 2 * H, tl.where(active, z, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
@@ -196,7 +208,7 @@ def _forward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
 def _backward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
                           bits_ptr, stride_bp, stride_bn, mi_ptr,
                           dhs_ptr, stride_dg, stride_dt, stride_db, stride_dh,
-                          len_ptr, stride_lg, stride_lb,
+                          len_ptr, stride_lg, stride_lb, rev_ptr,
                           dh_in_ptr, dc_in_ptr, dh_out_ptr, dc_out_ptr,
                           gates_ptr, cells_ptr, c0_ptr, dgates_ptr, step, T, B, H,
                           INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -226,12 +238,13 @@ def _backward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
     if HAS_MASK:
         bits_g, mask_rows, unmasked = _group_mask(bits_ptr, stride_bp, mi_ptr, g, 4 * H)
     length = tl.load(len_ptr + g * stride_lg + offs_b * stride_lb, mask=row_ok, other=0)
+    rev = tl.load(rev_ptr + g) != 0
     state = g * B * H + offs_b[:, None] * H + offs_h[None, :]
 
     # dgates is 0 at inactive steps, so the dot is 0 for rows inactive at step+1; the row mask
     # only saves their loads (and keeps step+1 = T in bounds).
     next_active = (step + 1 < length) & (step + 1 < T)
-    dg_rows = dgates_ptr + ((g * T + step + 1) * B + offs_b[:, None]) * (4 * H)
+    dg_rows = dgates_ptr + ((g * T + _time_of(step + 1, length, rev)[:, None]) * B + offs_b[:, None]) * (4 * H)
     acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
     for n0 in range(0, 4 * H, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
@@ -252,18 +265,21 @@ def _backward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
 
     if step >= 0:
         active = (step < length)[:, None]
-        seq = ((g * T + step) * B + offs_b[:, None]) * H + offs_h[None, :]
-        gate = ((g * T + step) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
+        t_b = _time_of(step, length, rev)[:, None]
+        seq = ((g * T + t_b) * B + offs_b[:, None]) * H + offs_h[None, :]
+        gate = ((g * T + t_b) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
         i = tl.load(gates_ptr + gate, mask=tile_ok, other=0.0).to(tl.float32)
         f = tl.load(gates_ptr + gate + H, mask=tile_ok, other=0.0).to(tl.float32)
         z = tl.load(gates_ptr + gate + 2 * H, mask=tile_ok, other=0.0).to(tl.float32)
         o = tl.load(gates_ptr + gate + 3 * H, mask=tile_ok, other=0.0).to(tl.float32)
         tc = _tanh(tl.load(cells_ptr + seq, mask=tile_ok, other=0.0).to(tl.float32))
         if step > 0:
-            c_prev = tl.load(cells_ptr + seq - B * H, mask=tile_ok, other=0.0).to(tl.float32)
+            t_prev = _time_of(step - 1, length, rev)[:, None]
+            c_prev = tl.load(cells_ptr + ((g * T + t_prev) * B + offs_b[:, None]) * H + offs_h[None, :], mask=tile_ok,
+                             other=0.0).to(tl.float32)
         else:
             c_prev = tl.load(c0_ptr + state, mask=tile_ok, other=0.0).to(tl.float32)
-        dh_tot = dh + tl.load(dhs_ptr + g * stride_dg + step * stride_dt + offs_b[:, None] * stride_db
+        dh_tot = dh + tl.load(dhs_ptr + g * stride_dg + t_b * stride_dt + offs_b[:, None] * stride_db
                               + offs_h[None, :] * stride_dh, mask=tile_ok, other=0.0).to(tl.float32)
         dc_tot = dc + dh_tot * o * (1.0 - tc * tc)
         d_i = tl.where(active, dc_tot * z * i * (1.0 - i), 0.0)
@@ -290,22 +306,24 @@ def _step_grid(B: int, H: int, G: int):
 
 def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                        weight_index: torch.Tensor, bits_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
-                       lengths: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """xproj (G, T, B, 4H) fp32, h0 / c0 (G, B, H) fp32, w_hh (S, 4H, H), lengths (G, B) int64 ->
-    (hs (G, T, B, H), h_n, c_n (G, B, H), gates (G, T, B, 4H) activated, cells (G, T, B, H)), fp32;
-    hs and gates are 0 at inactive steps, cells carries c there."""
+                       lengths: torch.Tensor, reverse: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """xproj (G, T, B, 4H) fp32, h0 / c0 (G, B, H) fp32, w_hh (S, 4H, H), lengths (G, B) int64,
+    reverse (G,) bool -> (hs (G, T, B, H), h_n, c_n (G, B, H), gates (G, T, B, 4H) activated,
+    cells (G, T, B, H), h_prev (G, T, B, H): the h entering each step), fp32, in time order; hs and
+    gates are 0 at padded steps, cells carries c there."""
     G, T, B, H4 = xproj.shape
     H = H4 // 4
     f32 = dict(device=xproj.device, dtype=torch.float32)
     hs = torch.empty((G, T, B, H), **f32)
     cells = torch.empty((G, T, B, H), **f32)
+    h_prev = torch.empty((G, T, B, H), **f32)
     gates = torch.empty((G, T, B, H4), **f32)
     h_n = torch.empty((G, B, H), **f32)
     c_n = torch.empty((G, B, H), **f32)
     if T == 0 or G * B * H == 0:
         h_n.copy_(h0)
         c_n.copy_(c0)
-        return hs, h_n, c_n, gates, cells
+        return hs, h_n, c_n, gates, cells, h_prev
     # Ping-pong: the launch of step s writes (h_n, c_n) when T-1-s is even, so the last one lands
     # there and the final state needs no copy.
     spare = (torch.empty((G, B, H), **f32), torch.empty((G, B, H), **f32))
@@ -320,19 +338,20 @@ def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, 
             w_hh, w_hh.stride(0), w_hh.stride(1), w_hh.stride(2), weight_index,
             bits_arg, stride_bp, stride_bn, mask_index,
             xproj, xproj.stride(0), xproj.stride(1), xproj.stride(2), xproj.stride(3),
-            lengths, lengths.stride(0), lengths.stride(1),
-            h_in, c_in, h_out, c_out, hs, cells, gates, s, T, B, H,
+            lengths, lengths.stride(0), lengths.stride(1), reverse,
+            h_in, c_in, h_out, c_out, hs, cells, gates, h_prev, s, T, B, H,
             INT64=int64, PRECISION=precision, UPCAST=upcast, HAS_MASK=bits_hh is not None)
         h_in, c_in = h_out, c_out
-    return hs, h_n, c_n, gates, cells
+    return hs, h_n, c_n, gates, cells, h_prev
 
 
 def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, gates: torch.Tensor,
                         cells: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor, weight_index: torch.Tensor,
                         bits_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
-                        lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        lengths: torch.Tensor, reverse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dhs (G, T, B, H) (any strides), dh_n / dc_n (G, B, H), gates / cells from forward_recurrence
-    -> (dgates (G, T, B, 4H) w.r.t. the pre-activations, 0 at inactive steps; dh0; dc0), fp32."""
+    -> (dgates (G, T, B, 4H) w.r.t. the pre-activations, 0 at padded steps; dh0; dc0), fp32, in
+    time order."""
     G, T, B, H4 = gates.shape
     H = H4 // 4
     f32 = dict(device=gates.device, dtype=torch.float32)
@@ -359,7 +378,7 @@ def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tenso
             w_hh, w_hh.stride(0), w_hh.stride(1), w_hh.stride(2), weight_index,
             bits_arg, stride_bp, stride_bn, mask_index,
             dhs, dhs.stride(0), dhs.stride(1), dhs.stride(2), dhs.stride(3),
-            lengths, lengths.stride(0), lengths.stride(1),
+            lengths, lengths.stride(0), lengths.stride(1), reverse,
             dh_in, dc_in, dh_out, dc_out, gates, cells, c0, dgates, s, T, B, H,
             INT64=int64, PRECISION=precision, UPCAST=upcast, HAS_MASK=bits_hh is not None)
         dh_in, dc_in = dh_out, dc_out

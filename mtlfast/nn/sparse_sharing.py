@@ -190,20 +190,19 @@ class SparseSharingLSTM(nn.Module):
         T, B, _ = x.shape
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int64, device=x.device)
-        rows, group_tasks = self._groups(task, B, x.device)
+        groups = self._groups(task, B, x.device)
         h0, c0 = self._initial_state(hx, B, x, unbatched)
-        out, h_n, c_n = self._run(x, lengths, rows, group_tasks, h0, c0)
-        return self._format(out, h_n, c_n, task, rows, B, packed, input, unbatched)
+        out, h_n, c_n = self._run(x, lengths, groups, h0, c0)
+        return self._format(out, h_n, c_n, task, groups, packed, input, unbatched)
 
-    def _groups(self, task, B: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
-        """-> rows (Gt, R): batch rows of each task group (-1 = padding), and the task of each group."""
+    def _groups(self, task, B: int, device) -> "_Groups":
+        """Which batch rows each task group runs (see _Groups)."""
         if task is None:
-            rows = torch.arange(B, device=device).expand(self.num_tasks, B)
-            return rows, torch.arange(self.num_tasks, device=device)
+            return _Groups("shared", self.num_tasks, B, torch.arange(self.num_tasks, device=device), None)
         if isinstance(task, int) and not isinstance(task, bool):
             if not 0 <= task < self.num_tasks:
                 raise ValueError(f"SparseSharingLSTM: argument 'task' must be in [0, {self.num_tasks}), got {task}")
-            return torch.arange(B, device=device).unsqueeze(0), torch.full((1,), task, device=device)
+            return _Groups("blocks", 1, B, torch.full((1,), task, device=device), None)
         if isinstance(task, torch.Tensor) and task.dtype in (torch.int64, torch.int32) and task.dim() == 1:
             if task.shape[0] != B:
                 raise ValueError(f"SparseSharingLSTM: argument 'task' must have one id per sample ({B}), "
@@ -213,12 +212,20 @@ class SparseSharingLSTM(nn.Module):
                 raise ValueError(f"SparseSharingLSTM: argument 'task' ids must be in [0, {self.num_tasks}), "
                                  f"got min {int(task.min())} and max {int(task.max())}")
             present, counts = torch.unique(task, return_counts=True)
+            Gt, width = present.numel(), (int(counts.max()) if B else 0)
+            # The common layout (each task's samples one after the other, as many per task) needs
+            # no gather and no scatter: the batch is the groups' rows back to back.
+            if Gt * width == B and bool((task[1:] >= task[:-1]).all()):
+                return _Groups("blocks", Gt, width, present, None)
             order = torch.argsort(task, stable=True)
-            width = int(counts.max()) if B else 0
-            rows = torch.full((present.numel(), width), -1, dtype=torch.int64, device=device)
-            slot = torch.arange(B, device=device) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-            rows[torch.repeat_interleave(torch.arange(present.numel(), device=device), counts), slot] = order
-            return rows, present
+            starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+            slot = torch.arange(B, device=device) - starts                        # rank within its task
+            group = torch.repeat_interleave(torch.arange(Gt, device=device), counts)
+            rows = torch.full((Gt, width), -1, dtype=torch.int64, device=device)
+            rows[group, slot] = order
+            position = torch.empty(B, dtype=torch.int64, device=device)
+            position[order] = group * width + slot
+            return _Groups("scattered", Gt, width, present, rows, position)
         raise TypeError(f"SparseSharingLSTM: argument 'task' must be an int, a 1-D LongTensor of task ids or "
                         f"None, got {type(task).__name__}")
 
@@ -238,18 +245,18 @@ class SparseSharingLSTM(nn.Module):
                                  f"got {tuple(value.shape)}")
         return h0, c0
 
-    def _run(self, x, lengths, rows, group_tasks, h0, c0):
+    def _run(self, x, lengths, groups: "_Groups", h0, c0):
         """All layers; each layer is one grouped call over (task group, direction)."""
-        Gt, R = rows.shape
+        Gt, R = groups.count, groups.width
         D, H, N = self.num_directions, self.hidden_size, self.num_tasks
-        valid = rows >= 0
-        safe = rows.clamp(min=0)
-        group_lengths = torch.where(valid, lengths.index_select(0, safe.reshape(-1)).view(Gt, R), 0)
-        layer_in = x.index_select(1, safe.reshape(-1)).view(x.shape[0], Gt, R, -1).permute(1, 0, 2, 3)
+        layer_in = groups.gather(x, dim=1)                                      # (Gt, T, R, I)
+        group_lengths = groups.gather(lengths, dim=0)                           # (Gt, R)
+        if groups.rows is not None:
+            group_lengths = torch.where(groups.valid(), group_lengths, 0)       # padding rows: length 0
         lengths_g = group_lengths.repeat_interleave(D, dim=0)                   # (Gt*D, R)
         weight_index = torch.arange(D, device=x.device).repeat(Gt)      # direction d uses weight set d
         reverse = weight_index == 1                                      # built on the device: no copy
-        mask_index = (torch.arange(D, device=x.device).repeat(Gt) * N + group_tasks.repeat_interleave(D))
+        mask_index = (torch.arange(D, device=x.device).repeat(Gt) * N + groups.tasks.repeat_interleave(D))
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             suffixes = self._suffixes()
@@ -258,8 +265,7 @@ class SparseSharingLSTM(nn.Module):
             b_ih = torch.stack([getattr(self, f"bias_ih_l{layer}{s}") for s in suffixes]) if self.bias else None
             b_hh = torch.stack([getattr(self, f"bias_hh_l{layer}{s}") for s in suffixes]) if self.bias else None
             states = [s[layer * D:(layer + 1) * D] for s in (h0, c0)]                 # (D, B, H) each
-            h_init, c_init = (s.index_select(1, safe.reshape(-1)).view(D, Gt, R, H).transpose(0, 1).reshape(Gt * D, R, H)
-                              for s in states)
+            h_init, c_init = (groups.gather(s, dim=1).reshape(Gt * D, R, H) for s in states)
             xg = layer_in.unsqueeze(1).expand(Gt, D, *layer_in.shape[1:]).reshape(Gt * D, *layer_in.shape[1:])
             # indices, lengths and shapes are built here, valid by construction: no re-validation
             y, hl, cl = run_layer(xg, h_init, c_init, w_ih, w_hh, b_ih, b_hh, weight_index,
@@ -272,19 +278,11 @@ class SparseSharingLSTM(nn.Module):
             c_n.append(cl.view(Gt, D, R, H))
         return layer_in, torch.cat(h_n, 1), torch.cat(c_n, 1)       # (Gt, T, R, D*H), (Gt, L*D, R, H) x2
 
-    def _format(self, out, h_n, c_n, task, rows, B, packed, input, unbatched):
-        T = out.shape[1]
+    def _format(self, out, h_n, c_n, task, groups: "_Groups", packed, input, unbatched):
         if task is None:
             outputs, hs, cs = out, h_n, c_n                               # (N, T, B, DH), (N, LD, B, H)
         else:
-            valid = rows >= 0
-            dest = rows[valid]
-            outputs = out.new_zeros((T, B, out.shape[-1]))
-            outputs[:, dest] = out.permute(1, 0, 2, 3)[:, valid]
-            hs = h_n.new_zeros((h_n.shape[1], B, h_n.shape[-1]))
-            cs = c_n.new_zeros((c_n.shape[1], B, c_n.shape[-1]))
-            hs[:, dest] = h_n.permute(1, 0, 2, 3)[:, valid]
-            cs[:, dest] = c_n.permute(1, 0, 2, 3)[:, valid]
+            outputs, hs, cs = (groups.scatter(t.transpose(0, 1)) for t in (out, h_n, c_n))
         if packed:
             def repack(o):  # (T, B, F) in the caller's batch order -> the input's packing
                 if input.sorted_indices is not None:
@@ -308,3 +306,41 @@ def _packed_index(packed: PackedSequence) -> Tuple[torch.Tensor, torch.Tensor]:
     t = torch.repeat_interleave(torch.arange(sizes.numel()), sizes)
     b = torch.arange(int(sizes.sum())) - torch.repeat_interleave(torch.cumsum(sizes, 0) - sizes, sizes)
     return t.to(packed.data.device), b.to(packed.data.device)
+
+
+class _Groups:
+    """The task groups of one forward call: group j runs task ``tasks[j]`` on ``width`` batch rows.
+
+    - ``shared`` (task=None): every group runs all B rows.
+    - ``blocks``: group j runs rows j*width .. (j+1)*width - 1 (a task id, or per-sample ids
+      sorted with as many samples per task): gathering and scattering are views and reshapes.
+    - ``scattered``: any other per-sample ids: ``rows`` (groups, width) lists each group's batch
+      rows (-1 pads a short group), ``position`` (B,) where each sample sits in the groups' rows
+      laid end to end.
+    """
+
+    def __init__(self, kind: str, count: int, width: int, tasks: torch.Tensor,
+                 rows: Optional[torch.Tensor], position: Optional[torch.Tensor] = None) -> None:
+        self.kind, self.count, self.width, self.tasks = kind, count, width, tasks
+        self.rows, self.position = rows, position
+
+    def valid(self) -> torch.Tensor:
+        return self.rows >= 0
+
+    def gather(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        """t with B rows on ``dim`` -> (groups, ..., width, ...): each group's rows on a new dim 0,
+        taken from ``dim`` (which keeps its place, now of size width)."""
+        moved = t.movedim(dim, 0)
+        if self.kind == "shared":
+            out = moved.unsqueeze(0).expand(self.count, *moved.shape)
+        elif self.kind == "blocks":
+            out = moved.reshape(self.count, self.width, *moved.shape[1:])
+        else:
+            out = moved.index_select(0, self.rows.clamp(min=0).reshape(-1)).view(self.count, self.width,
+                                                                               *moved.shape[1:])
+        return out.movedim(1, dim + 1)
+
+    def scatter(self, t: torch.Tensor) -> torch.Tensor:
+        """(X, groups, width, F) -> (X, B, F): every sample's row back in the caller's batch order."""
+        flat = t.reshape(t.shape[0], self.count * self.width, t.shape[-1])
+        return flat if self.kind == "blocks" else flat.index_select(1, self.position)

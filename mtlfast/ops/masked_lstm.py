@@ -8,9 +8,11 @@ output zeros. The directions of a bidirectional layer are groups too, so every t
 directions of a layer run in the same launches.
 
 - ``masked_lstm_layer_reference``: a per-group, per-step loop with autograd; the oracle.
-- Fast paths: one orchestration (``_MaskedLSTMLayer``: reverse, project every step and group with
-  one masked GEMM, recur, and in backward one masked GEMM each for dW_ih, dW_hh and dx) over a
-  backend's kernels: ``masked_lstm_cpu`` (batched BLAS + a native cell; CPU) or Triton (GPU).
+- Fast paths: one orchestration (``_MaskedLSTMLayer``: project every step and group with one
+  masked GEMM, recur, and in backward one masked GEMM each for dW_ih, dW_hh and dx) over a
+  backend's kernels: ``masked_lstm_cpu`` (batched BLAS + a native fused recurrence; CPU) or
+  Triton (GPU). Everything stays in time order: the recurrences walk reverse groups backwards
+  within each length themselves, so no sequence is ever reversed in memory.
 """
 from __future__ import annotations
 
@@ -113,7 +115,7 @@ def _group_sum(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -
 
 def _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index,
                    lengths, reverse):
-    """-> (y, h_n, c_n) and what backward needs: (xs, hs, gates, cells, prepared ih, prepared hh)."""
+    """-> (y, h_n, c_n) and what backward needs: (h_prev, gates, cells, prepared ih, prepared hh)."""
     k = _kernels(backend)
     G, T, B, _ = x.shape
     H = w_hh.shape[-1]
@@ -121,34 +123,30 @@ def _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, mas
     hh = k.prepare(w_hh, weight_index, masks_hh, mask_index)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # state and accumulation
     bias = (b_ih + b_hh).to(acc).index_select(0, weight_index) if b_ih is not None else None
-    xs = reverse_within_lengths(x, lengths, reverse)
-    xproj = k.project(xs.reshape(G, T * B, -1), ih, bias).view(G, T, B, 4 * H)
-    hs, h_n, c_n, gates, cells = k.forward_recurrence(xproj, h0.to(acc), c0.to(acc), hh, lengths)
-    y = reverse_within_lengths(hs, lengths, reverse).to(x.dtype)
-    return (y, h_n.to(x.dtype), c_n.to(x.dtype)), (xs, hs, gates, cells, ih, hh)
+    xproj = k.project(x.reshape(G, T * B, -1), ih, bias).view(G, T, B, 4 * H)
+    y, h_n, c_n, gates, cells, h_prev = k.forward_recurrence(xproj, h0.to(acc), c0.to(acc), hh, lengths, reverse)
+    return (y.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype)), (h_prev, gates, cells, ih, hh)
 
 
-def _layer_backward(backend, need, dy, dh_n, dc_n, xs, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths,
-                    reverse, hs, gates, cells, ih, hh, has_bias):
+def _layer_backward(backend, need, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths,
+                    reverse, h_prev, gates, cells, ih, hh, has_bias):
     """need = (x, h0, c0, w_ih, w_hh, bias) flags -> (dx, dh0, dc0, dw_ih, dw_hh, dbias), None where
     not needed."""
     k = _kernels(backend)
-    G, T, B, _ = xs.shape
+    G, T, B, _ = x.shape
     H = w_hh.shape[-1]
     acc = gates.dtype
-    dhs = reverse_within_lengths(dy.to(acc), lengths, reverse)
-    dgates, dh0, dc0 = k.backward_recurrence(dhs, dh_n.to(acc), dc_n.to(acc), gates, cells, c0.to(acc), hh,
-                                             lengths)
-    dg = dgates.reshape(G, T * B, 4 * H)
-    # h entering step s: h0 at s = 0, else h after step s-1 (rows inactive at s have dgates 0)
-    h_prev = torch.cat((h0.to(acc).unsqueeze(1), hs[:, :-1]), dim=1).view(G, T * B, H)
+    dgates, dh0, dc0 = k.backward_recurrence(dy.to(acc), dh_n.to(acc), dc_n.to(acc), gates, cells, c0.to(acc), hh,
+                                             lengths, reverse)
+    dg = dgates.reshape(G, T * B, 4 * H)    # rows at padded steps are 0: they add nothing below
     dx = dw_ih = dw_hh = db = None
     if need[0]:
-        dx = reverse_within_lengths(k.grad_input(dg, ih).view(G, T, B, -1), lengths, reverse).to(xs.dtype)
+        dx = k.grad_input(dg, ih).view(G, T, B, -1).to(x.dtype)
     if need[3]:
-        dw_ih = _group_sum(k.grad_weight(dg, xs.reshape(G, T * B, -1), ih), weight_index, w_ih.shape[0]).to(w_ih.dtype)
+        dw_ih = _group_sum(k.grad_weight(dg, x.reshape(G, T * B, -1), ih), weight_index, w_ih.shape[0]).to(w_ih.dtype)
     if need[4]:
-        dw_hh = _group_sum(k.grad_weight(dg, h_prev, hh), weight_index, w_hh.shape[0]).to(w_hh.dtype)
+        dw_hh = _group_sum(k.grad_weight(dg, h_prev.reshape(G, T * B, H), hh), weight_index,
+                           w_hh.shape[0]).to(w_hh.dtype)
     if has_bias and need[5]:
         db = _group_sum(dgates.sum(dim=(1, 2)), weight_index, w_ih.shape[0]).to(w_ih.dtype)
     return (dx, dh0.to(h0.dtype) if need[1] else None, dc0.to(c0.dtype) if need[2] else None, dw_ih, dw_hh, db)
@@ -160,21 +158,22 @@ class _MaskedLSTMLayer(torch.autograd.Function):
     @staticmethod
     def forward(ctx, backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh,
                 mask_index, lengths, reverse):
-        out, (xs, hs, gates, cells, ih, hh) = _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
+        out, (h_prev, gates, cells, ih, hh) = _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                              weight_index, masks_ih, masks_hh, mask_index,
                                                              lengths, reverse)
-        ctx.save_for_backward(xs, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths, reverse, hs, gates, cells)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths, reverse, h_prev, gates,
+                              cells)
         ctx.backend, ctx.ih, ctx.hh, ctx.has_bias = backend, ih, hh, b_ih is not None
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
-        xs, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths, reverse, hs, gates, cells = ctx.saved_tensors
+        x, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths, reverse, h_prev, gates, cells = ctx.saved_tensors
         n = ctx.needs_input_grad
         dx, dh0, dc0, dw_ih, dw_hh, db = _layer_backward(
-            ctx.backend, (n[1], n[2], n[3], n[4], n[5], n[6] or n[7]), dy, dh_n, dc_n, xs, h0, c0, w_ih, w_hh,
-            weight_index, mask_index, lengths, reverse, hs, gates, cells, ctx.ih, ctx.hh, ctx.has_bias)
+            ctx.backend, (n[1], n[2], n[3], n[4], n[5], n[6] or n[7]), dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh,
+            weight_index, mask_index, lengths, reverse, h_prev, gates, cells, ctx.ih, ctx.hh, ctx.has_bias)
         return (None, dx, dh0, dc0, dw_ih, dw_hh, db if n[6] else None, db if n[7] else None,
                 None, None, None, None, None, None)
 
@@ -187,12 +186,11 @@ def _layer_op(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.T
               b_ih: Optional[torch.Tensor], b_hh: Optional[torch.Tensor], weight_index: torch.Tensor,
               masks_ih: Optional[torch.Tensor], masks_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
               lengths: torch.Tensor, reverse: torch.Tensor, backend: str
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
-                         torch.Tensor]:
-    """-> (y, h_n, c_n) and, for backward, (xs, hs, gates, cells); all fresh and contiguous."""
-    out, (xs, hs, gates, cells, _, _) = _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index,
+              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (y, h_n, c_n) and, for backward, (h_prev, gates, cells); all fresh and contiguous."""
+    out, (h_prev, gates, cells, _, _) = _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index,
                                                        masks_ih, masks_hh, mask_index, lengths, reverse)
-    return tuple(t.contiguous() for t in (*out, xs, hs, gates, cells))
+    return tuple(t.contiguous() for t in (*out, h_prev, gates, cells))
 
 
 @_layer_op.register_fake
@@ -201,48 +199,48 @@ def _layer_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks
     G, T, B, _ = x.shape
     H = w_hh.shape[-1]
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return (x.new_empty((G, T, B, H)), x.new_empty((G, B, H)), x.new_empty((G, B, H)), x.new_empty(x.shape),
+    return (x.new_empty((G, T, B, H)), x.new_empty((G, B, H)), x.new_empty((G, B, H)),
             x.new_empty((G, T, B, H), dtype=acc), x.new_empty((G, T, B, 4 * H), dtype=acc),
             x.new_empty((G, T, B, H), dtype=acc))
 
 
 @torch.library.custom_op("mtlfast::masked_lstm_layer_backward", mutates_args=())
-def _layer_backward_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, xs: torch.Tensor,
+def _layer_backward_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x: torch.Tensor,
                        h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
                        weight_index: torch.Tensor, masks_ih: Optional[torch.Tensor],
                        masks_hh: Optional[torch.Tensor], mask_index: torch.Tensor, lengths: torch.Tensor,
-                       reverse: torch.Tensor, hs: torch.Tensor, gates: torch.Tensor, cells: torch.Tensor,
+                       reverse: torch.Tensor, h_prev: torch.Tensor, gates: torch.Tensor, cells: torch.Tensor,
                        has_bias: bool, backend: str) -> List[torch.Tensor]:
     """-> [dx, dh0, dc0, dw_ih, dw_hh, dbias]; dbias is empty (0,) without biases."""
     k = _kernels(backend)
     ih = k.prepare(w_ih, weight_index, masks_ih, mask_index)
     hh = k.prepare(w_hh, weight_index, masks_hh, mask_index)
-    grads = _layer_backward(backend, (True,) * 6, dy, dh_n, dc_n, xs, h0, c0, w_ih, w_hh, weight_index, mask_index,
-                            lengths, reverse, hs, gates, cells, ih, hh, has_bias)
+    grads = _layer_backward(backend, (True,) * 6, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, weight_index, mask_index,
+                            lengths, reverse, h_prev, gates, cells, ih, hh, has_bias)
     return [g.contiguous() if g is not None else w_ih.new_empty((0,)) for g in grads]
 
 
 @_layer_backward_op.register_fake
-def _layer_backward_fake(dy, dh_n, dc_n, xs, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index,
-                         lengths, reverse, hs, gates, cells, has_bias, backend):
-    return [xs.new_empty(xs.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape), w_ih.new_empty(w_ih.shape),
+def _layer_backward_fake(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index,
+                         lengths, reverse, h_prev, gates, cells, has_bias, backend):
+    return [x.new_empty(x.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape), w_ih.new_empty(w_ih.shape),
             w_hh.new_empty(w_hh.shape), w_ih.new_empty((w_ih.shape[0], w_ih.shape[1]) if has_bias else (0,))]
 
 
 def _layer_setup_context(ctx, inputs, output):
     x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse, backend = inputs
-    _, _, _, xs, hs, gates, cells = output
-    ctx.save_for_backward(xs, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse,
-                          hs, gates, cells)
+    _, _, _, h_prev, gates, cells = output
+    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse,
+                          h_prev, gates, cells)
     ctx.backend, ctx.has_bias = backend, b_ih is not None
 
 
 def _layer_autograd(ctx, dy, dh_n, dc_n, *unused):
-    xs, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse, hs, gates, cells = \
+    x, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse, h_prev, gates, cells = \
         ctx.saved_tensors
     dx, dh0, dc0, dw_ih, dw_hh, db = torch.ops.mtlfast.masked_lstm_layer_backward(
-        dy, dh_n, dc_n, xs, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse,
-        hs, gates, cells, ctx.has_bias, ctx.backend)
+        dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse,
+        h_prev, gates, cells, ctx.has_bias, ctx.backend)
     db = db if ctx.has_bias else None
     return (dx, dh0, dc0, dw_ih, dw_hh, db, db, None, None, None, None, None, None, None)
 

@@ -37,10 +37,11 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor, w: Weights) -> torch.Tensor:
     return K.grouped_masked_matmul_grad_weight(dy.to(w.weight.dtype), x.to(w.weight.dtype), w.bits, w.mask_index)
 
 
-def forward_recurrence(xproj, h0, c0, w: Weights, lengths):
-    return K.forward_recurrence(xproj, h0, c0, w.weight, w.weight_index, w.bits, w.mask_index, lengths)
+def forward_recurrence(xproj, h0, c0, w: Weights, lengths, reverse):
+    return K.forward_recurrence(xproj, h0, c0, w.weight, w.weight_index, w.bits, w.mask_index, lengths,
+                                reverse.contiguous())
 
 
-def backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w: Weights, lengths):
+def backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w: Weights, lengths, reverse):
     return K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w.weight, w.weight_index, w.bits,
-                                 w.mask_index, lengths)
+                                 w.mask_index, lengths, reverse.contiguous())

@@ -1,0 +1,425 @@
+// Compiled with -ffast-math (CMakeLists.txt): gcc then calls glibc's vector expf (libmvec) in the
+// activation loops and contracts the tile's multiply-adds into FMAs. Nothing here compares values,
+// so NaN and Inf still propagate (tests/test_masked_lstm.py checks).
+//
+// Why a hand-written GEMM: the recurrent matmul of a step has B rows (10 in the papers' taggers)
+// against a (H, 4H) weight. BLAS packs the weight on every call and reaches about half of the
+// FMA peak at such shapes; here each group's weight is packed once per call into column panels,
+// a tile of up to 6 rows x 2 vectors keeps 12 accumulators in registers, and the cell runs on the
+// tile while it is still in L1, so the pre-activations never go back to memory.
+#include "cpu/lstm_recurrence.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <new>
+
+#include "cpu/parallel.h"
+
+namespace mtlfast {
+namespace cpu {
+namespace {
+
+// Two clones of each worker, picked at load time by the CPU: AVX2+FMA (x86-64-v3) and baseline,
+// so the module still runs on CPUs without AVX2. Helpers are inlined into both.
+#if defined(__x86_64__)
+#define MTLFAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define MTLFAST_CLONES
+#endif
+#define MTLFAST_INLINE inline __attribute__((always_inline))
+
+template <typename T>
+struct Vec {
+  typedef T type __attribute__((vector_size(32)));
+};
+template <typename T>
+constexpr int kLanes = 32 / sizeof(T);  // elements per 256-bit vector: 8 floats, 4 doubles
+constexpr int kMaxRows = 6;             // 6 rows x 2 vectors = 12 accumulators of 16 registers
+
+// Panels are read with aligned vector loads.
+template <typename T>
+struct AlignedBuffer {
+  explicit AlignedBuffer(size_t n) {
+    size_t bytes = ((n * sizeof(T) + 63) / 64) * 64;
+    data = static_cast<T*>(std::aligned_alloc(64, bytes > 0 ? bytes : 64));
+    if (data == nullptr) throw std::bad_alloc();
+  }
+  ~AlignedBuffer() { std::free(data); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  T* data;
+};
+
+// out (R, 2L) with row stride ldo = a (R rows of K, row stride lda) @ panel (K, 2L), panel aligned.
+template <typename T, int R>
+MTLFAST_INLINE void tile(int64_t K, const T* a, int64_t lda, const T* panel, T* out, int64_t ldo) {
+  using V = typename Vec<T>::type;
+  constexpr int L = kLanes<T>;
+  V acc0[R], acc1[R];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = V{};
+  for (int64_t k = 0; k < K; ++k) {
+    const V w0 = *reinterpret_cast<const V*>(panel + k * 2 * L);
+    const V w1 = *reinterpret_cast<const V*>(panel + k * 2 * L + L);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const T s = a[r * lda + k];
+      acc0[r] += s * w0;
+      acc1[r] += s * w1;
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    std::memcpy(out + r * ldo, &acc0[r], sizeof(V));
+    std::memcpy(out + r * ldo + L, &acc1[r], sizeof(V));
+  }
+}
+
+template <typename T>
+MTLFAST_INLINE void tile_rows(int rows, int64_t K, const T* a, int64_t lda, const T* panel, T* out, int64_t ldo) {
+  switch (rows) {
+    case 6: tile<T, 6>(K, a, lda, panel, out, ldo); break;
+    case 5: tile<T, 5>(K, a, lda, panel, out, ldo); break;
+    case 4: tile<T, 4>(K, a, lda, panel, out, ldo); break;
+    case 3: tile<T, 3>(K, a, lda, panel, out, ldo); break;
+    case 2: tile<T, 2>(K, a, lda, panel, out, ldo); break;
+    default: tile<T, 1>(K, a, lda, panel, out, ldo); break;
+  }
+}
+
+template <typename T>
+MTLFAST_INLINE T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+// tanh through exp: glibc's vector expf is several times faster than its vector tanhf, and
+// e^{-2|x|} never overflows, so large |x| gives exactly ±1 (and NaN stays NaN).
+template <typename T>
+MTLFAST_INLINE T fast_tanh(T x) {
+  const T e = std::exp(T(-2) * std::fabs(x));
+  return std::copysign((T(1) - e) / (T(1) + e), x);
+}
+
+// The time slot step s of row (g, b) reads and writes: s going forward; within the row's length,
+// backwards for a reverse group (like a packed sequence); padded steps map to themselves (they are
+// the last slots either way), so the mapping is a permutation of the slots.
+MTLFAST_INLINE int64_t time_of(int64_t s, int64_t length, bool reverse) {
+  return reverse && s < length ? length - 1 - s : s;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward
+
+template <typename T>
+struct ForwardArgs {
+  int64_t G, T_, B, H;
+  const T *xproj, *w;
+  const int64_t* lengths;
+  const bool* reverse;
+  T *hs, *gates, *cells, *h_prev;
+  T* c;                       // the running cell state (c_n), updated in place
+  T* h[2];                    // double-buffered hidden state: step s reads h[s % 2], writes the other
+  T* panels;                  // (G, blocks, 2 halves, H, 2L): W^T columns of L units x 4 gates
+  int64_t blocks;             // ceil(H / L) unit blocks
+};
+
+// Panel (g, jb, half)[k][c] = W[g][q*H + u][k] with gate q = 2*half + c / L, unit u = jb*L + c % L
+// (0 past H): the two halves of a block hold the i, f and the g, o columns of the same L units.
+template <typename T>
+MTLFAST_INLINE void pack_forward_block(const ForwardArgs<T>& a, int64_t g, int64_t jb) {
+  constexpr int L = kLanes<T>;
+  const int64_t H = a.H;
+  for (int half = 0; half < 2; ++half) {
+    T* panel = a.panels + ((g * a.blocks + jb) * 2 + half) * H * 2 * L;
+    for (int c = 0; c < 2 * L; ++c) {
+      const int64_t q = 2 * half + c / L, u = jb * L + c % L;
+      const T* src = u < H ? a.w + (g * 4 * H + q * H + u) * H : nullptr;
+      for (int64_t k = 0; k < H; ++k) panel[k * 2 * L + c] = src ? src[k] : T(0);
+    }
+  }
+}
+
+// One (group, unit block) of step s: the tile's pre-activations, the gates and the cell for
+// every row, written straight from L1.
+template <typename T>
+MTLFAST_INLINE void forward_block(const ForwardArgs<T>& a, int64_t s, int64_t g, int64_t jb) {
+  constexpr int L = kLanes<T>;
+  const int64_t H = a.H, B = a.B;
+  const int64_t u0 = jb * L;
+  const int units = static_cast<int>(std::min<int64_t>(L, H - u0));
+  const T* h_in = a.h[s % 2];
+  T* h_out = a.h[(s + 1) % 2];
+  const T* panel = a.panels + (g * a.blocks + jb) * 2 * H * 2 * L;
+  alignas(64) T pre[kMaxRows][4 * L];
+  alignas(64) T cnew[kMaxRows][L];
+  for (int64_t b0 = 0; b0 < B; b0 += kMaxRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, B - b0));
+    const T* h_rows = h_in + (g * B + b0) * H;
+    tile_rows<T>(rows, H, h_rows, H, panel, &pre[0][0], 4 * L);
+    tile_rows<T>(rows, H, h_rows, H, panel + H * 2 * L, &pre[0][2 * L], 4 * L);
+    int64_t at[kMaxRows];  // each row's (g, t, b) slot: rows of a reverse group differ in t
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = g * B + b0 + r;
+      at[r] = (g * a.T_ + time_of(s, a.lengths[row], a.reverse[g])) * B + b0 + r;
+    }
+    for (int r = 0; r < rows; ++r) {
+      const T* xp = a.xproj + at[r] * 4 * H;
+      for (int q = 0; q < 4; ++q) {
+        for (int u = 0; u < units; ++u) pre[r][q * L + u] += xp[q * H + u0 + u];
+        for (int u = units; u < L; ++u) pre[r][q * L + u] = T(0);
+      }
+      // tanh(x) = 2 sigmoid(2x) - 1: one sigmoid loop over every gate vectorises best
+      for (int u = 0; u < L; ++u) pre[r][2 * L + u] *= T(2);
+    }
+    T* flat = &pre[0][0];
+    for (int i = 0; i < rows * 4 * L; ++i) flat[i] = sigmoid(flat[i]);
+    for (int r = 0; r < rows; ++r) {
+      const T* c_row = a.c + (g * B + b0 + r) * H + u0;
+      for (int u = 0; u < L; ++u) {
+        const T gg = T(2) * pre[r][2 * L + u] - T(1);
+        pre[r][2 * L + u] = gg;
+        cnew[r][u] = pre[r][L + u] * (u < units ? c_row[u] : T(0)) + pre[r][u] * gg;
+      }
+    }
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = g * B + b0 + r;
+      T* hs = a.hs + at[r] * H + u0;
+      T* cells = a.cells + at[r] * H + u0;
+      T* gates = a.gates + at[r] * 4 * H + u0;
+      T* c = a.c + row * H + u0;
+      std::memcpy(a.h_prev + at[r] * H + u0, h_in + row * H + u0, sizeof(T) * units);
+      if (s >= a.lengths[row]) {
+        std::memcpy(h_out + row * H + u0, h_in + row * H + u0, sizeof(T) * units);
+        std::memset(hs, 0, sizeof(T) * units);
+        for (int q = 0; q < 4; ++q) std::memset(gates + q * H, 0, sizeof(T) * units);
+        std::memcpy(cells, c, sizeof(T) * units);
+        continue;
+      }
+      for (int u = 0; u < units; ++u) {
+        const T hv = pre[r][3 * L + u] * fast_tanh(cnew[r][u]);
+        c[u] = cells[u] = cnew[r][u];
+        hs[u] = h_out[row * H + u0 + u] = hv;
+      }
+      for (int q = 0; q < 4; ++q) std::memcpy(gates + q * H, &pre[r][q * L], sizeof(T) * units);
+    }
+  }
+}
+
+template <typename T>
+MTLFAST_CLONES void forward_thread(const ForwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
+  const int64_t items = a.G * a.blocks;
+  int64_t begin, end;
+  split(items, t, threads, &begin, &end);
+  for (int64_t item = begin; item < end; ++item) pack_forward_block(a, item / a.blocks, item % a.blocks);
+  barrier.wait();
+  for (int64_t s = 0; s < a.T_; ++s) {
+    for (int64_t item = begin; item < end; ++item) forward_block(a, s, item / a.blocks, item % a.blocks);
+    barrier.wait();
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward
+
+template <typename T>
+struct BackwardArgs {
+  int64_t G, T_, B, H;
+  const T *dhs, *gates, *cells, *c0;
+  const int64_t* lengths;
+  const bool* reverse;
+  T *dgates, *dc;  // dc: the running cell gradient (dc0), updated in place
+  T* step_dgates;  // (G, B, 4H): step s's dgates, rows contiguous for the matmul
+  T* dh[2];        // double-buffered: step s reads dh[parity], the matmul writes the other
+  T* panels;       // (G, blocks, 4H, 2L): W columns of 2L units
+  const T* w;
+  int64_t blocks;  // ceil(H / 2L)
+};
+
+template <typename T>
+MTLFAST_INLINE void pack_backward_block(const BackwardArgs<T>& a, int64_t g, int64_t cb) {
+  constexpr int L = kLanes<T>;
+  const int64_t H = a.H;
+  T* panel = a.panels + (g * a.blocks + cb) * 4 * H * 2 * L;
+  const int64_t u0 = cb * 2 * L;
+  const int units = static_cast<int>(std::min<int64_t>(2 * L, H - u0));
+  for (int64_t k = 0; k < 4 * H; ++k) {
+    const T* src = a.w + (g * 4 * H + k) * H + u0;
+    for (int c = 0; c < 2 * L; ++c) panel[k * 2 * L + c] = c < units ? src[c] : T(0);
+  }
+}
+
+// The cell's backward for one row: dh_tot = dhs + dh, the pre-activation gradients, dc <- dc_tot * f.
+template <typename T>
+MTLFAST_INLINE void backward_row(int64_t H, const T* __restrict act, const T* __restrict cs, const T* __restrict cp,
+                                 const T* __restrict dy, const T* __restrict dh, T* __restrict dc, T* __restrict d) {
+  const T* i = act;
+  const T* f = act + H;
+  const T* g = act + 2 * H;
+  const T* o = act + 3 * H;
+  for (int64_t j = 0; j < H; ++j) {
+    const T tc = fast_tanh(cs[j]);
+    const T dh_tot = dy[j] + dh[j];
+    const T dc_tot = dc[j] + dh_tot * o[j] * (T(1) - tc * tc);
+    d[j] = dc_tot * g[j] * i[j] * (T(1) - i[j]);
+    d[H + j] = dc_tot * cp[j] * f[j] * (T(1) - f[j]);
+    d[2 * H + j] = dc_tot * i[j] * (T(1) - g[j] * g[j]);
+    d[3 * H + j] = dh_tot * tc * o[j] * (T(1) - o[j]);
+    dc[j] = dc_tot * f[j];
+  }
+}
+
+template <typename T>
+MTLFAST_INLINE void backward_cell(const BackwardArgs<T>& a, int64_t s, int64_t row) {
+  const int64_t H = a.H, B = a.B, g = row / B, b = row % B, length = a.lengths[row];
+  const int64_t at = (g * a.T_ + time_of(s, length, a.reverse[g])) * B + b;
+  T* d = a.step_dgates + row * 4 * H;
+  if (s >= length) {
+    std::memset(d, 0, sizeof(T) * 4 * H);
+  } else {
+    const T* c_prev = s > 0 ? a.cells + ((g * a.T_ + time_of(s - 1, length, a.reverse[g])) * B + b) * H
+                            : a.c0 + row * H;
+    backward_row(H, a.gates + at * 4 * H, a.cells + at * H, c_prev, a.dhs + at * H, a.dh[s % 2] + row * H,
+                 a.dc + row * H, d);
+  }
+  std::memcpy(a.dgates + at * 4 * H, d, sizeof(T) * 4 * H);
+}
+
+// dh entering step s-1 for one (group, block of 2L units): dgates[:, s] @ W; rows inactive at s
+// carry dh through unchanged.
+template <typename T>
+MTLFAST_INLINE void backward_block(const BackwardArgs<T>& a, int64_t s, int64_t g, int64_t cb) {
+  constexpr int L = kLanes<T>;
+  const int64_t H = a.H, B = a.B;
+  const int64_t u0 = cb * 2 * L;
+  const int units = static_cast<int>(std::min<int64_t>(2 * L, H - u0));
+  const T* dh_in = a.dh[s % 2];
+  T* dh_out = a.dh[(s + 1) % 2];
+  const T* panel = a.panels + (g * a.blocks + cb) * 4 * H * 2 * L;
+  alignas(64) T out[kMaxRows][2 * L];
+  for (int64_t b0 = 0; b0 < B; b0 += kMaxRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, B - b0));
+    tile_rows<T>(rows, 4 * H, a.step_dgates + (g * B + b0) * 4 * H, 4 * H, panel, &out[0][0], 2 * L);
+    for (int r = 0; r < rows; ++r) {
+      const int64_t row = g * B + b0 + r;
+      const T* src = s < a.lengths[row] ? &out[r][0] : dh_in + row * H + u0;
+      std::memcpy(dh_out + row * H + u0, src, sizeof(T) * units);
+    }
+  }
+}
+
+template <typename T>
+MTLFAST_CLONES void backward_thread(const BackwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
+  const int64_t blocks = a.G * a.blocks, rows = a.G * a.B;
+  int64_t block_begin, block_end, row_begin, row_end;
+  split(blocks, t, threads, &block_begin, &block_end);
+  split(rows, t, threads, &row_begin, &row_end);
+  for (int64_t item = block_begin; item < block_end; ++item) pack_backward_block(a, item / a.blocks, item % a.blocks);
+  for (int64_t s = a.T_ - 1; s >= 0; --s) {
+    for (int64_t row = row_begin; row < row_end; ++row) backward_cell(a, s, row);
+    barrier.wait();  // every dgates[:, s] row (and, the first time, every panel) is written
+    for (int64_t item = block_begin; item < block_end; ++item) backward_block(a, s, item / a.blocks, item % a.blocks);
+    barrier.wait();  // every dh row of step s-1 is written
+  }
+}
+
+// Never more threads than work items, and at least one.
+int team_size(int threads, int64_t items) {
+  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
+}
+
+template <typename T>
+MTLFAST_CLONES void mask_select_range(int64_t begin, int64_t end, int64_t size, const T* src, const int64_t* index,
+                                      const bool* masks, const int64_t* mask_index, T* out) {
+  while (begin < end) {
+    const int64_t g = begin / size, offset = begin % size, n = std::min(end - begin, size - offset);
+    const T* s = src + (index ? index[g] : g) * size + offset;
+    T* o = out + g * size + offset;
+    const int64_t m = masks ? mask_index[g] : -1;
+    if (m < 0) {
+      if (o != s) std::memcpy(o, s, sizeof(T) * n);
+    } else {
+      const bool* keep = masks + m * size + offset;
+      // a product, as the reference's W * M: branch-free (random masks defeat branch
+      // prediction), it vectorises, and NaN or Inf outside the mask give NaN there as in eager
+      for (int64_t i = 0; i < n; ++i) o[i] = s[i] * static_cast<T>(keep[i]);
+    }
+    begin += n;
+  }
+}
+
+}  // namespace
+
+template <typename T>
+void lstm_forward(int64_t G, int64_t T_, int64_t B, int64_t H, const T* xproj, const T* w, const T* h0,
+                  const T* c0, const int64_t* lengths, const bool* reverse, T* hs, T* gates, T* cells, T* h_prev,
+                  T* h_n, T* c_n, int threads) {
+  if (G == 0 || B == 0 || H == 0) return;
+  constexpr int L = kLanes<T>;
+  const int64_t blocks = (H + L - 1) / L;
+  AlignedBuffer<T> panels(G * blocks * 2 * H * 2 * L);
+  AlignedBuffer<T> h_spare(G * B * H);
+  std::memcpy(c_n, c0, sizeof(T) * G * B * H);
+  // h[0] is read at step 0; the final state lands in h[T % 2], which should be h_n.
+  T* h_even = T_ % 2 == 0 ? h_n : h_spare.data;
+  T* h_odd = T_ % 2 == 0 ? h_spare.data : h_n;
+  std::memcpy(h_even, h0, sizeof(T) * G * B * H);
+  ForwardArgs<T> a{G, T_, B, H, xproj, w, lengths, reverse, hs, gates, cells, h_prev, c_n, {h_even, h_odd},
+                   panels.data, blocks};
+  const int team = team_size(threads, G * blocks);
+  run_team(team, [&](int t, int n, SpinBarrier& barrier) { forward_thread(a, t, n, barrier); });
+}
+
+template <typename T>
+void lstm_backward(int64_t G, int64_t T_, int64_t B, int64_t H, const T* dhs, const T* dh_n, const T* dc_n,
+                   const T* gates, const T* cells, const T* c0, const T* w, const int64_t* lengths,
+                   const bool* reverse, T* dgates, T* dh0, T* dc0, int threads) {
+  if (G == 0 || B == 0 || H == 0) return;
+  if (T_ == 0) {
+    std::memcpy(dh0, dh_n, sizeof(T) * G * B * H);
+    std::memcpy(dc0, dc_n, sizeof(T) * G * B * H);
+    return;
+  }
+  constexpr int L = kLanes<T>;
+  const int64_t blocks = (H + 2 * L - 1) / (2 * L);
+  AlignedBuffer<T> panels(G * blocks * 4 * H * 2 * L);
+  AlignedBuffer<T> dh_spare(G * B * H);
+  AlignedBuffer<T> step_dgates(G * B * 4 * H);
+  std::memcpy(dc0, dc_n, sizeof(T) * G * B * H);
+  // Step s reads dh[s % 2] and writes the other; the last step (s = 0) writes dh[1] = dh0.
+  T* dh_parity[2] = {dh_spare.data, dh0};
+  std::memcpy(dh_parity[(T_ - 1) % 2], dh_n, sizeof(T) * G * B * H);
+  BackwardArgs<T> a{G, T_, B, H, dhs, gates, cells, c0, lengths, reverse, dgates, dc0, step_dgates.data,
+                    {dh_parity[0], dh_parity[1]},
+                    panels.data, w, blocks};
+  const int team = team_size(threads, std::min(G * blocks, G * B));
+  run_team(team, [&](int t, int n, SpinBarrier& barrier) { backward_thread(a, t, n, barrier); });
+}
+
+template <typename T>
+void mask_select(int64_t G, int64_t size, const T* src, const int64_t* index, const bool* masks,
+                 const int64_t* mask_index, T* out, int threads) {
+  const int64_t total = G * size;
+  // below ~256K elements a second thread costs more than it saves
+  const int team = team_size(threads, total / (1 << 18) + 1);
+  run_team(team, [&](int t, int n, SpinBarrier&) {
+    int64_t begin, end;
+    split(total, t, n, &begin, &end);
+    mask_select_range(begin, end, size, src, index, masks, mask_index, out);
+  });
+}
+
+#define MTLFAST_INSTANTIATE(T)                                                                                   \
+  template void lstm_forward<T>(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,   \
+                                const int64_t*, const bool*, T*, T*, T*, T*, T*, T*, int);                      \
+  template void lstm_backward<T>(int64_t, int64_t, int64_t, int64_t, const T*, const T*, const T*, const T*,  \
+                                 const T*, const T*, const T*, const int64_t*, const bool*, T*, T*, T*, int); \
+  template void mask_select<T>(int64_t, int64_t, const T*, const int64_t*, const bool*, const int64_t*, T*, int);
+MTLFAST_INSTANTIATE(float)
+MTLFAST_INSTANTIATE(double)
+#undef MTLFAST_INSTANTIATE
+
+}  // namespace cpu
+}  // namespace mtlfast
