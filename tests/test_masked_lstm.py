@@ -114,6 +114,19 @@ def test_full_lengths_odd_sizes(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_inference_matches_reference(backend):
+    """Under no_grad a backend may skip storing what backward needs (the cpu one does): the
+    outputs must not change."""
+    case = make_case(dtype=torch.float32)
+    with torch.no_grad():
+        want = call(masked_lstm_layer_reference, case)
+        with mtlfast.use_backend(backend):
+            got = call(masked_lstm_layer, case)
+    for name, a, b in zip(("y", "h_n", "c_n"), got, want, strict=True):
+        assert_close(a, b, torch.float32, name)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_weight_gradients_zero_outside_every_mask(backend):
     """A weight masked out in every group that uses it gets exactly zero gradient."""
     case = make_case(dtype=torch.float32, G=2, S=1, P=2)

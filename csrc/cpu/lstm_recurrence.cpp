@@ -184,26 +184,30 @@ MTLFAST_INLINE void forward_block(const ForwardArgs<T>& a, int64_t s, int64_t g,
         cnew[r][u] = pre[r][L + u] * (u < units ? c_row[u] : T(0)) + pre[r][u] * gg;
       }
     }
+    // gates, cells and h_prev are what backward needs; null when nothing will be differentiated
+    const bool save = a.gates != nullptr;
     for (int r = 0; r < rows; ++r) {
       const int64_t row = g * B + b0 + r;
       T* hs = a.hs + at[r] * H + u0;
-      T* cells = a.cells + at[r] * H + u0;
-      T* gates = a.gates + at[r] * 4 * H + u0;
       T* c = a.c + row * H + u0;
-      std::memcpy(a.h_prev + at[r] * H + u0, h_in + row * H + u0, sizeof(T) * units);
+      if (save) std::memcpy(a.h_prev + at[r] * H + u0, h_in + row * H + u0, sizeof(T) * units);
       if (s >= a.lengths[row]) {
         std::memcpy(h_out + row * H + u0, h_in + row * H + u0, sizeof(T) * units);
         std::memset(hs, 0, sizeof(T) * units);
-        for (int q = 0; q < 4; ++q) std::memset(gates + q * H, 0, sizeof(T) * units);
-        std::memcpy(cells, c, sizeof(T) * units);
+        if (save) {
+          for (int q = 0; q < 4; ++q) std::memset(a.gates + at[r] * 4 * H + q * H + u0, 0, sizeof(T) * units);
+          std::memcpy(a.cells + at[r] * H + u0, c, sizeof(T) * units);
+        }
         continue;
       }
       for (int u = 0; u < units; ++u) {
-        const T hv = pre[r][3 * L + u] * fast_tanh(cnew[r][u]);
-        c[u] = cells[u] = cnew[r][u];
-        hs[u] = h_out[row * H + u0 + u] = hv;
+        c[u] = cnew[r][u];
+        hs[u] = h_out[row * H + u0 + u] = pre[r][3 * L + u] * fast_tanh(cnew[r][u]);
       }
-      for (int q = 0; q < 4; ++q) std::memcpy(gates + q * H, &pre[r][q * L], sizeof(T) * units);
+      if (save) {
+        std::memcpy(a.cells + at[r] * H + u0, c, sizeof(T) * units);
+        for (int q = 0; q < 4; ++q) std::memcpy(a.gates + at[r] * 4 * H + q * H + u0, &pre[r][q * L], sizeof(T) * units);
+      }
     }
   }
 }

@@ -16,7 +16,7 @@ namespace cpu {
 
 // Per step at time t: pre = xproj[:, t] + h @ w^T (xproj carries the input projection and the
 // biases), gates = act(pre) (saved, activated), c = f*c + i*g, h = o*tanh(c); h_prev[:, t] = the h
-// that entered (for the weight gradient).
+// that entered (for the weight gradient). gates, cells and h_prev may all be null (inference).
 template <typename T>
 void lstm_forward(int64_t G, int64_t T_, int64_t B, int64_t H, const T* xproj, const T* w, const T* h0,
                   const T* c0, const int64_t* lengths, const bool* reverse, T* hs, T* gates, T* cells, T* h_prev,

@@ -114,8 +114,9 @@ def _group_sum(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -
 
 
 def _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index,
-                   lengths, reverse):
-    """-> (y, h_n, c_n) and what backward needs: (h_prev, gates, cells, prepared ih, prepared hh)."""
+                   lengths, reverse, save=True):
+    """-> (y, h_n, c_n) and what backward needs: (h_prev, gates, cells, prepared ih, prepared hh);
+    a backend may skip storing h_prev, gates and cells (None) when not ``save``."""
     k = _kernels(backend)
     G, T, B, _ = x.shape
     H = w_hh.shape[-1]
@@ -124,7 +125,8 @@ def _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, mas
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # state and accumulation
     bias = (b_ih + b_hh).to(acc).index_select(0, weight_index) if b_ih is not None else None
     xproj = k.project(x.reshape(G, T * B, -1), ih, bias).view(G, T, B, 4 * H)
-    y, h_n, c_n, gates, cells, h_prev = k.forward_recurrence(xproj, h0.to(acc), c0.to(acc), hh, lengths, reverse)
+    y, h_n, c_n, gates, cells, h_prev = k.forward_recurrence(xproj, h0.to(acc), c0.to(acc), hh, lengths, reverse,
+                                                             save)
     return (y.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype)), (h_prev, gates, cells, ih, hh)
 
 
@@ -160,7 +162,7 @@ class _MaskedLSTMLayer(torch.autograd.Function):
                 mask_index, lengths, reverse):
         out, (h_prev, gates, cells, ih, hh) = _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                              weight_index, masks_ih, masks_hh, mask_index,
-                                                             lengths, reverse)
+                                                             lengths, reverse, save=any(ctx.needs_input_grad))
         ctx.save_for_backward(x, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths, reverse, h_prev, gates,
                               cells)
         ctx.backend, ctx.ih, ctx.hh, ctx.has_bias = backend, ih, hh, b_ih is not None

@@ -75,22 +75,23 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor, weights: Weights) -> torch.Te
 
 
 def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weights: Weights,
-                       lengths: torch.Tensor, reverse: torch.Tensor):
+                       lengths: torch.Tensor, reverse: torch.Tensor, save: bool = True):
     """xproj (G, T, B, 4H) in the accumulation dtype, time order; reverse (G,) bool: the group runs
     backwards within each row's length -> hs (G, T, B, H) (0 at padded steps), h_n, c_n, gates
     (G, T, B, 4H) activated (0 at padded steps), cells (G, T, B, H) (carried when padded), h_prev
-    (G, T, B, H): the h that entered each step; all in time order. One native call for every step
-    and group."""
+    (G, T, B, H): the h that entered each step; all in time order (the last three None unless
+    ``save``: what backward needs). One native call for every step and group."""
     G, T, B, H4 = xproj.shape
     H = H4 // 4
     xproj, h0, c0 = xproj.contiguous(), h0.contiguous(), c0.contiguous()
     lengths, reverse = lengths.contiguous(), reverse.contiguous()
-    hs, cells, h_prev = (xproj.new_empty((G, T, B, H)) for _ in range(3))
-    gates = torch.empty_like(xproj)
+    hs = xproj.new_empty((G, T, B, H))
+    cells, h_prev, gates = ((xproj.new_empty((G, T, B, H)), xproj.new_empty((G, T, B, H)), torch.empty_like(xproj))
+                            if save else (None, None, None))
     h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
     _native().lstm_forward(_DTYPE_CODES[xproj.dtype], G, T, B, H, xproj.data_ptr(), weights.masked.data_ptr(),
                            h0.data_ptr(), c0.data_ptr(), lengths.data_ptr(), reverse.data_ptr(), hs.data_ptr(),
-                           gates.data_ptr(), cells.data_ptr(), h_prev.data_ptr(), h_n.data_ptr(), c_n.data_ptr(),
+                           _ptr(gates), _ptr(cells), _ptr(h_prev), h_n.data_ptr(), c_n.data_ptr(),
                            torch.get_num_threads())
     return hs, h_n, c_n, gates, cells, h_prev
 

@@ -37,7 +37,8 @@ def grad_weight(dy: torch.Tensor, x: torch.Tensor, w: Weights) -> torch.Tensor:
     return K.grouped_masked_matmul_grad_weight(dy.to(w.weight.dtype), x.to(w.weight.dtype), w.bits, w.mask_index)
 
 
-def forward_recurrence(xproj, h0, c0, w: Weights, lengths, reverse):
+def forward_recurrence(xproj, h0, c0, w: Weights, lengths, reverse, save: bool = True):
+    # the step kernels always store what backward needs (``save`` is a CPU saving)
     return K.forward_recurrence(xproj, h0, c0, w.weight, w.weight_index, w.bits, w.mask_index, lengths,
                                 reverse.contiguous())
 
