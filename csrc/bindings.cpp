@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/lstm_recurrence.h"
+#include "cpu/mixing.h"
 
 #ifdef MTLFAST_WITH_CUDA
 #include <cuda_runtime.h>
@@ -124,6 +125,41 @@ void mask_select(int dtype, int64_t G, int64_t size, std::uintptr_t src, std::ui
   });
 }
 
+void alpha_mix_forward(int dtype, int64_t M, int64_t S, int64_t N, int64_t d, std::uintptr_t h, std::uintptr_t alpha,
+                       std::uintptr_t out, int threads) {
+  with_cpu_dtype(dtype, "alpha_mix_forward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mtlfast::cpu::alpha_mix_forward<T>(M, S, N, d, ptr<const T>(h), ptr<const T>(alpha), ptr<T>(out), threads);
+  });
+}
+
+void alpha_mix_backward(int dtype, int64_t M, int64_t S, int64_t N, int64_t d, std::uintptr_t dout, std::uintptr_t h,
+                        std::uintptr_t alpha, std::uintptr_t dh, std::uintptr_t dalpha, int threads) {
+  with_cpu_dtype(dtype, "alpha_mix_backward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mtlfast::cpu::alpha_mix_backward<T>(M, S, N, d, ptr<const T>(dout), ptr<const T>(h), ptr<const T>(alpha),
+                                        ptr<T>(dh), ptr<T>(dalpha), threads);
+  });
+}
+
+void layer_mix_forward(int dtype, int64_t K, int64_t M, int64_t N, int64_t D, std::uintptr_t layers,
+                       std::uintptr_t beta, std::uintptr_t out, int threads) {
+  with_cpu_dtype(dtype, "layer_mix_forward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mtlfast::cpu::layer_mix_forward<T>(K, M, N, D, ptr<const T>(layers), ptr<const T>(beta), ptr<T>(out), threads);
+  });
+}
+
+void layer_mix_backward(int dtype, int64_t K, int64_t M, int64_t N, int64_t D, std::uintptr_t dout,
+                        std::uintptr_t layers, std::uintptr_t beta, std::uintptr_t dlayers, std::uintptr_t dbeta,
+                        int threads) {
+  with_cpu_dtype(dtype, "layer_mix_backward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mtlfast::cpu::layer_mix_backward<T>(K, M, N, D, ptr<const T>(dout), ptr<const T>(layers), ptr<const T>(beta),
+                                        ptr<T>(dlayers), ptr<T>(dbeta), threads);
+  });
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mtlfast native kernels (CPU and CUDA), framework-free";
   m.def("build_info", &build_info,
@@ -136,6 +172,14 @@ PYBIND11_MODULE(_C, m) {
   m.def("mask_select", &mask_select, py::call_guard<py::gil_scoped_release>(),
         "out[g] = src[index[g]] where masks[mask_index[g]], else 0 (csrc/cpu/lstm_recurrence.h); pointers as "
         "integers, 0 = null");
+  m.def("alpha_mix_forward", &alpha_mix_forward, py::call_guard<py::gil_scoped_release>(),
+        "Sluice alpha mixing on CPU (csrc/cpu/mixing.h); pointers as integers");
+  m.def("alpha_mix_backward", &alpha_mix_backward, py::call_guard<py::gil_scoped_release>(),
+        "dh and dalpha of alpha_mix_forward (csrc/cpu/mixing.h); pointers as integers");
+  m.def("layer_mix_forward", &layer_mix_forward, py::call_guard<py::gil_scoped_release>(),
+        "Sluice beta (layer) mixing on CPU (csrc/cpu/mixing.h); pointers as integers");
+  m.def("layer_mix_backward", &layer_mix_backward, py::call_guard<py::gil_scoped_release>(),
+        "dlayers and dbeta of layer_mix_forward (csrc/cpu/mixing.h); pointers as integers");
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to mtlfast._C (0 without a driver)");
 #ifdef MTLFAST_WITH_CUDA
   // Same arguments, same order as csrc/cuda/masked_linear.h; pointers and the stream as integers

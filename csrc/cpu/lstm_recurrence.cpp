@@ -16,19 +16,13 @@
 #include <memory>
 #include <new>
 
+#include "cpu/clones.h"
 #include "cpu/parallel.h"
 
 namespace mtlfast {
 namespace cpu {
 namespace {
 
-// Two clones of each worker, picked at load time by the CPU: AVX2+FMA (x86-64-v3) and baseline,
-// so the module still runs on CPUs without AVX2. Helpers are inlined into both.
-#if defined(__x86_64__)
-#define MTLFAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define MTLFAST_CLONES
-#endif
 #define MTLFAST_INLINE inline __attribute__((always_inline))
 
 template <typename T>

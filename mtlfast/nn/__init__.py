@@ -1,4 +1,5 @@
 """Drop-in modules: ``import mtlfast.nn as mnn``."""
+from mtlfast.nn.sluice import CrossStitch, LayerMixture, SluiceLSTM, SluiceMixer
 from mtlfast.nn.sparse_sharing import SparseSharingLSTM
 
-__all__ = ["SparseSharingLSTM"]
+__all__ = ["SparseSharingLSTM", "SluiceMixer", "CrossStitch", "LayerMixture", "SluiceLSTM"]

@@ -1,0 +1,472 @@
+"""Triton kernels for sluice networks: subspace alpha mixing, layer (beta) mixing and the
+subspace orthogonality penalty.
+
+Alpha mixing. h (M, N, D) is contiguous with D = S*d; chunk i = m*S + s is h[m, :, s*d:(s+1)*d]
+and alpha is (MS, MS) fp32: out chunk i = Σ_j alpha[i, j] · chunk j. A program loads one
+(BLOCK_N, BLOCK_D) tile of every chunk at once, as an (MS_P, BLOCK_N, BLOCK_D) tile (MS_P: MS
+rounded up to a power of two, the pad chunks masked off, so they cost no memory traffic), and
+mixes it in registers: every element is read once and written once. MS is a constexpr, so the
+chunk axis is unrolled and held by each thread (the mixing sums never leave the thread).
+
+The backward makes one pass over dout and h: dh = alphaᵀ·dout per tile (as the forward), and
+dalpha[i, j] = Σ dout_i ⊙ h_j, a GEMM whose reduction runs over all N*d pixels. That reduction
+is a tl.dot per tile, accumulated in registers across the tiles a program visits: a sum of
+products over the tile with tl.sum would instead reduce 64 values across the whole program
+(shuffles and shared memory) for every tile. tl.dot needs 16 rows, so with MS_P < 16 the
+pixels of a tile are split in G = 16 / MS_P groups that become separate rows (row i*G + g holds
+chunk i on pixel group g): the (16, 16) product then holds dalpha on its G diagonal blocks,
+summed once per program at the end. No padding is loaded for that, and bf16 products are exact
+in the fp32 accumulator.
+
+Layer mixing. layers (K, M, N, D) contiguous (flattened here to (K, M, L), L = N*D), beta (M, K)
+fp32: out[m] = Σ_k beta[m, k] · layers[k, m]. One (K_P, BLOCK) tile of the K layers per program;
+the backward writes dlayers and accumulates dbeta elementwise in registers, reducing across the
+program once at the end.
+
+The backward kernels (and the penalty) are persistent: the launcher fixes the number of
+programs, each walks tiles pid, pid + P, ... and writes one fp32 partial (no atomics: the sums
+are deterministic and the autotuner can rerun a kernel freely). A torch .sum over the partials
+finishes the reduction. The partial count cannot depend on the autotuned tile size, which is
+chosen after the launcher has allocated the partials; a persistent grid makes it not.
+
+Orthogonality penalty. weight (R, C) with rows split in S blocks G_s (r = R/S rows each):
+Σ_{s<t} ‖G_sᵀ G_t‖²_F in one kernel: a program computes (BLOCK_A, BLOCK_B) tiles of G_sᵀ G_t
+with tl.dot over the r rows, squares them and accumulates the squares; no product is ever
+stored. Its backward is two fp32 torch matmuls (small work).
+
+Launch helpers allocate the outputs; autograd and validation live in mtlfast/ops.
+"""
+from __future__ import annotations
+
+from typing import Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from mtlfast.triton_kernels.masked_gemm import _INTERPRET, _SHARED_BUDGET, _dot, _int64, _upcast
+
+
+@triton.constexpr_function
+def _pow2(n):
+    return triton.next_power_of_2(n)
+
+
+@triton.constexpr_function
+def _pixel_groups(chunks_p2):
+    """G: pixel groups turned into rows so the dalpha dot has the 16 rows tl.dot needs."""
+    return max(1, 16 // chunks_p2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Autotune candidates. The target is HBM bandwidth (H100, bf16, d = 256, MS = 8): tiles are wide
+# along d (each thread loads 8- or 16-byte vectors of contiguous columns), and a thread holds all
+# MS_P chunks of its pixels, so registers bound the pixels per thread; _prune drops candidates
+# that exceed that for the launch's MS.
+
+# (BLOCK_N, BLOCK_D, num_warps)
+_ALPHA_SHAPES = [(4, 128, 4), (8, 128, 4), (2, 256, 4), (4, 256, 8), (8, 64, 4), (16, 64, 8), (16, 32, 4),
+                 (32, 32, 8)]
+# (BLOCK, num_warps) over the flattened N*D of one task
+_LAYER_SHAPES = [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (512, 4)]
+# (BLOCK_A, BLOCK_B, BLOCK_R, num_stages, num_warps)
+_ORTHO_SHAPES = [(64, 64, 32, 3, 4), (128, 128, 32, 3, 8), (64, 64, 64, 3, 4), (128, 64, 32, 3, 4),
+                 (32, 32, 32, 2, 4)]
+
+# fp32 values of the (chunk or layer) x pixel tile one thread may hold: x, the mixed result and,
+# in backward, dout, next to the mixing weights; past this ptxas spills.
+_VALUES_PER_THREAD = {"forward": 64, "backward": 32}
+
+
+def _alpha_configs():
+    if _INTERPRET:
+        # one config: the interpreter would time every candidate, and its timings mean nothing
+        return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_D": c}, num_warps=w, num_stages=1) for n, c, w in _ALPHA_SHAPES]
+
+
+def _layer_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK": 64}, num_warps=4)]
+    return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in _LAYER_SHAPES]
+
+
+def _ortho_configs():
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_R": 16}, num_warps=4)]
+    return [triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_R": r}, num_stages=s, num_warps=w)
+            for a, b, r, s, w in _ORTHO_SHAPES]
+
+
+def fits_shared_memory(config, element_bytes: int, chunks: int = 8) -> bool:
+    """Conservative shared-memory estimate (tests/triton_aot.py calls it for every kernel of this
+    module; `chunks` is MS_P, 8 there). The penalty stages both dot operands per K step; the
+    alpha backward stages the (R, Q) dout and h operands of its dalpha dot; the rest use none."""
+    kw = config.kwargs
+    if "BLOCK_R" in kw:
+        per_stage = kw["BLOCK_A"] * kw["BLOCK_R"] + kw["BLOCK_R"] * kw["BLOCK_B"]
+        return config.num_stages * per_stage * element_bytes <= _SHARED_BUDGET
+    if "BLOCK_D" in kw:
+        return max(config.num_stages, 1) * 2 * chunks * kw["BLOCK_N"] * kw["BLOCK_D"] * element_bytes <= _SHARED_BUDGET
+    return True
+
+
+def _values_per_thread(config, rows: int, pixels: int) -> float:
+    return rows * pixels / (32 * config.num_warps)
+
+
+def _prune_by_registers(budget: str, rows_key: str):
+    """early_config_prune: keeps the candidates whose tile fits the per-thread budget (rows = MS_P
+    or K_P, read from the launch's constexpr), always at least the smallest."""
+    def prune(configs, named_args, **kwargs):
+        rows = triton.next_power_of_2(kwargs[rows_key])
+        element_bytes = next(v.element_size() for k, v in named_args.items()
+                             if k.endswith("_ptr") and k not in ("alpha_ptr", "beta_ptr", "part_ptr"))
+
+        def pixels(c):
+            return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] if "BLOCK_D" in c.kwargs else c.kwargs["BLOCK"]
+        kept = [c for c in configs if _values_per_thread(c, rows, pixels(c)) <= _VALUES_PER_THREAD[budget]
+                and fits_shared_memory(c, element_bytes, rows)]
+        return kept or [min(configs, key=lambda c: _values_per_thread(c, rows, pixels(c)))]
+    return prune
+
+
+# ---------------------------------------------------------------------------------------------
+# Alpha mixing
+
+@triton.jit
+def _chunk_tile(tile, N, d, S, MS: tl.constexpr, INT64: tl.constexpr, BLOCK_N: tl.constexpr,
+                BLOCK_D: tl.constexpr):
+    """Element offsets and mask (MS_P, BLOCK_N, BLOCK_D) of tile `tile` (column tiles fastest) of
+    every chunk of a contiguous (M, N, S*d) tensor; chunk i = m*S + s starts at m*N*D + s*d."""
+    MS_P: tl.constexpr = _pow2(MS)
+    tiles_d = tl.cdiv(d, BLOCK_D)
+    offs_n = (tile // tiles_d) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_c = (tile % tiles_d) * BLOCK_D + tl.arange(0, BLOCK_D)
+    chunk = tl.arange(0, MS_P)
+    if INT64:
+        offs_n = offs_n.to(tl.int64)
+        offs_c = offs_c.to(tl.int64)
+        chunk = chunk.to(tl.int64)
+    D = S * d
+    start = (chunk // S) * N * D + (chunk % S) * d
+    offs = start[:, None, None] + offs_n[None, :, None] * D + offs_c[None, None, :]
+    mask = (chunk < MS)[:, None, None] & (offs_n < N)[None, :, None] & (offs_c < d)[None, None, :]
+    return offs, mask
+
+
+@triton.jit
+def _load_mixing(alpha_ptr, MS: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """alpha (MS_P, MS_P) fp32, or alphaᵀ, zero outside (MS, MS)."""
+    MS_P: tl.constexpr = _pow2(MS)
+    rows = tl.arange(0, MS_P)[:, None]
+    cols = tl.arange(0, MS_P)[None, :]
+    if TRANSPOSE:
+        offs = cols * MS + rows
+    else:
+        offs = rows * MS + cols
+    return tl.load(alpha_ptr + offs, mask=(rows < MS) & (cols < MS), other=0.0)
+
+
+@triton.jit
+def _mix(w, x):
+    """(MS_P, MS_P) weights w, (MS_P, BN, BD) chunks x -> Σ_j w[:, j] · x[j], in fp32. The chunk axes
+    are held within each thread, so the sum is a chain of FMAs in registers."""
+    return tl.sum(w[:, :, None, None] * x.to(tl.float32)[None, :, :, :], axis=1)
+
+
+@triton.autotune(configs=_alpha_configs(), key=["d", "MS"],
+                 prune_configs_by={"early_config_prune": _prune_by_registers("forward", "MS")})
+@triton.jit
+def _alpha_mix_forward_kernel(h_ptr, alpha_ptr, out_ptr, N, d, S, MS: tl.constexpr, INT64: tl.constexpr,
+                              BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out chunk i (N, d) = Σ_j alpha[i, j] · h chunk j, for one (BLOCK_N, BLOCK_D) tile of all
+    MS chunks. Grid: (row tiles × column tiles,)."""
+    offs, mask = _chunk_tile(tl.program_id(0), N, d, S, MS, INT64, BLOCK_N, BLOCK_D)
+    x = tl.load(h_ptr + offs, mask=mask, other=0.0)
+    out = _mix(_load_mixing(alpha_ptr, MS, False), x)
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_alpha_configs(), key=["d", "MS"],
+                 prune_configs_by={"early_config_prune": _prune_by_registers("backward", "MS")})
+@triton.jit
+def _alpha_mix_backward_kernel(dout_ptr, h_ptr, alpha_ptr, dh_ptr, part_ptr, N, d, S, MS: tl.constexpr,
+                               INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dh chunk j = Σ_i alpha[i, j] · dout chunk i for every tile this program visits, and its
+    partial dalpha[i, j] = Σ dout_i ⊙ h_j over those tiles, stored at part[pid] (MS, MS).
+    Grid: (P,) persistent; program pid visits tiles pid, pid + P, ..."""
+    MS_P: tl.constexpr = _pow2(MS)
+    G: tl.constexpr = _pixel_groups(MS_P)
+    ROWS: tl.constexpr = MS_P * G
+    PIXELS: tl.constexpr = BLOCK_N * BLOCK_D // G
+    pid = tl.program_id(0)
+    alpha_t = _load_mixing(alpha_ptr, MS, True)
+    acc = tl.zeros((ROWS, ROWS), dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(N, BLOCK_N) * tl.cdiv(d, BLOCK_D), tl.num_programs(0)):
+        offs, mask = _chunk_tile(tile, N, d, S, MS, INT64, BLOCK_N, BLOCK_D)
+        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0)
+        tl.store(dh_ptr + offs, _mix(alpha_t, dout).to(dh_ptr.dtype.element_ty), mask=mask)
+        x = tl.load(h_ptr + offs, mask=mask, other=0.0)
+        # row i*G + g: chunk i on pixel group g (a row-major reshape, no data moves between chunks)
+        acc = _dot(tl.reshape(dout, (ROWS, PIXELS)), tl.trans(tl.reshape(x, (ROWS, PIXELS))), acc,
+                   PRECISION, UPCAST)
+    # dalpha[i, j] = Σ_g acc[i*G + g, j*G + g]: the diagonal blocks of the pixel groups
+    blocks = tl.reshape(acc, (MS_P, G, MS_P, G))
+    same = tl.arange(0, G)[:, None] == tl.arange(0, G)[None, :]
+    dalpha = tl.sum(tl.sum(tl.where(same[None, :, None, :], blocks, 0.0), axis=3), axis=1)
+    rows = tl.arange(0, MS_P)[:, None]
+    cols = tl.arange(0, MS_P)[None, :]
+    tl.store(part_ptr + pid * MS * MS + rows * MS + cols, dalpha, mask=(rows < MS) & (cols < MS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer mixing. layers (K, M, L) and out / dout (M, L) contiguous; beta (M, K) fp32.
+
+@triton.jit
+def _layer_tile(tile, m, M, L, K: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """(task offsets (BLOCK,), layer offsets (K_P, BLOCK), their masks) of tile `tile` of task m."""
+    K_P: tl.constexpr = _pow2(K)
+    offs = tile * BLOCK + tl.arange(0, BLOCK)
+    k = tl.arange(0, K_P)
+    if INT64:
+        offs = offs.to(tl.int64)
+        k = k.to(tl.int64)
+        m = m.to(tl.int64)
+    in_row = offs < L
+    return m * L + offs, in_row, (k * M + m)[:, None] * L + offs[None, :], (k < K)[:, None] & in_row[None, :]
+
+
+@triton.autotune(configs=_layer_configs(), key=["K"],
+                 prune_configs_by={"early_config_prune": _prune_by_registers("forward", "K")})
+@triton.jit
+def _layer_mix_forward_kernel(layers_ptr, beta_ptr, out_ptr, M, L, K: tl.constexpr, INT64: tl.constexpr,
+                              BLOCK: tl.constexpr):
+    """out[m] tile = Σ_k beta[m, k] · layers[k, m] tile. Grid: (tiles of L, M)."""
+    K_P: tl.constexpr = _pow2(K)
+    m = tl.program_id(1)
+    offs, in_row, offs_k, mask_k = _layer_tile(tl.program_id(0), m, M, L, K, INT64, BLOCK)
+    k = tl.arange(0, K_P)
+    beta = tl.load(beta_ptr + m * K + k, mask=k < K, other=0.0)
+    x = tl.load(layers_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+    out = tl.sum(beta[:, None] * x, axis=0)          # the layer axis is within each thread
+    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=in_row)
+
+
+@triton.autotune(configs=_layer_configs(), key=["K"],
+                 prune_configs_by={"early_config_prune": _prune_by_registers("backward", "K")})
+@triton.jit
+def _layer_mix_backward_kernel(dout_ptr, layers_ptr, beta_ptr, dlayers_ptr, part_ptr, M, L, K: tl.constexpr,
+                               INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """dlayers[k, m] = beta[m, k] · dout[m] on every tile this program visits of task m, and the
+    partial dbeta[m, k] = Σ dout[m] ⊙ layers[k, m] over them, stored at part[m, pid] (K,). The
+    products are summed elementwise in registers across tiles and reduced across the program
+    once. Grid: (P, M) persistent; program pid visits tiles pid, pid + P, ..."""
+    K_P: tl.constexpr = _pow2(K)
+    pid = tl.program_id(0)
+    m = tl.program_id(1)
+    k = tl.arange(0, K_P)
+    beta = tl.load(beta_ptr + m * K + k, mask=k < K, other=0.0)
+    acc = tl.zeros((K_P, BLOCK), dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(L, BLOCK), tl.num_programs(0)):
+        offs, in_row, offs_k, mask_k = _layer_tile(tile, m, M, L, K, INT64, BLOCK)
+        dout = tl.load(dout_ptr + offs, mask=in_row, other=0.0).to(tl.float32)
+        tl.store(dlayers_ptr + offs_k, (beta[:, None] * dout[None, :]).to(dlayers_ptr.dtype.element_ty), mask=mask_k)
+        x = tl.load(layers_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+        acc += x * dout[None, :]
+    tl.store(part_ptr + (m * tl.num_programs(0) + pid) * K + k, tl.sum(acc, axis=1), mask=k < K)
+
+
+# ---------------------------------------------------------------------------------------------
+# Orthogonality penalty. weight (R, C) contiguous, r = R / S rows per block.
+
+@triton.jit
+def _pair(p, S):
+    """The p-th pair (s, t), s < t, in the order (0, 1), (0, 2), .., (0, S-1), (1, 2), ..: s is the
+    number of first indices q >= 1 whose pairs start at or before p (start(q) = q(2S-q-1)/2)."""
+    s = p * 0
+    for q in range(1, S):
+        s += (q * (2 * S - q - 1) // 2 <= p).to(s.dtype)
+    return s, p - s * (2 * S - s - 1) // 2 + s + 1
+
+
+@triton.autotune(configs=_ortho_configs(), key=["r", "C", "PRECISION"],
+                 prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [
+                     c for c in configs if fits_shared_memory(c, named_args["w_ptr"].element_size())] or configs[-1:]})
+@triton.jit
+def _orthogonality_forward_kernel(w_ptr, part_ptr, r, C, S, INT64: tl.constexpr, PRECISION: tl.constexpr,
+                                  UPCAST: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
+                                  BLOCK_R: tl.constexpr):
+    """part[pid] = Σ of the squared entries of the (BLOCK_A, BLOCK_B) tiles of G_sᵀ G_t (s < t) this
+    program visits; a tile is a tl.dot over the r rows and is squared in registers, never stored.
+    Grid: (P,) persistent over (pair, tile) units, pid, pid + P, ..."""
+    pid = tl.program_id(0)
+    tiles_b = tl.cdiv(C, BLOCK_B)
+    per_pair = tl.cdiv(C, BLOCK_A) * tiles_b
+    squares = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+    for unit in range(pid, S * (S - 1) // 2 * per_pair, tl.num_programs(0)):
+        s, t = _pair(unit // per_pair, S)
+        offs_a = (unit % per_pair // tiles_b) * BLOCK_A + tl.arange(0, BLOCK_A)
+        offs_b = (unit % per_pair % tiles_b) * BLOCK_B + tl.arange(0, BLOCK_B)
+        if INT64:
+            s = s.to(tl.int64)
+            t = t.to(tl.int64)
+            offs_a = offs_a.to(tl.int64)
+            offs_b = offs_b.to(tl.int64)
+        acc = tl.zeros((BLOCK_A, BLOCK_B), dtype=tl.float32)
+        for k0 in range(0, r, BLOCK_R):
+            offs_k = k0 + tl.arange(0, BLOCK_R)
+            a = tl.load(w_ptr + (s * r + offs_k)[None, :] * C + offs_a[:, None],           # G_sᵀ (BLOCK_A, BLOCK_R)
+                        mask=(offs_k[None, :] < r) & (offs_a[:, None] < C), other=0.0)
+            b = tl.load(w_ptr + (t * r + offs_k)[:, None] * C + offs_b[None, :],           # G_t (BLOCK_R, BLOCK_B)
+                        mask=(offs_k[:, None] < r) & (offs_b[None, :] < C), other=0.0)
+            acc = _dot(a, b, acc, PRECISION, UPCAST)
+        squares += acc * acc
+    tl.store(part_ptr + pid, tl.sum(tl.sum(squares, axis=1), axis=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch helpers
+
+# Persistent programs per SM: enough resident warps to keep HBM busy, few enough that the
+# partials and their reduction stay negligible.
+_PROGRAMS_PER_SM = 4
+# Under the interpreter a few programs, so tests walk several tiles per program and see idle ones.
+_INTERPRET_PROGRAMS = 3
+_sm_count: dict = {}
+
+
+def _num_programs(device: torch.device, work: int) -> int:
+    """Programs of a persistent launch: at most `work` (an upper bound on the tiles of any config,
+    so none is idle without need), at most _PROGRAMS_PER_SM per SM."""
+    if _INTERPRET or device.type != "cuda":
+        cap = _INTERPRET_PROGRAMS
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _sm_count:
+            _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        cap = _sm_count[index] * _PROGRAMS_PER_SM
+    return max(1, min(work, cap))
+
+
+def _min_block(configs, key: str) -> int:
+    return min(c.kwargs[key] for c in configs)
+
+
+def alpha_mix_forward(h: torch.Tensor, alpha: torch.Tensor, num_subspaces: int) -> torch.Tensor:
+    """h (M, N, D), D = S*d, alpha (MS, MS) -> out (M, N, D) in h's dtype, out chunk i = Σ_j
+    alpha[i, j] · chunk j (chunk m*S + s = h[m, :, s*d:(s+1)*d]), accumulated in fp32."""
+    M, N, D = h.shape
+    S = num_subspaces
+    h = h.contiguous()
+    out = torch.empty_like(h)
+    if out.numel() == 0:
+        return out
+    alpha = alpha.to(torch.float32).contiguous()
+    d = D // S
+    grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(d, meta["BLOCK_D"]),)  # noqa: E731
+    _alpha_mix_forward_kernel[grid](h, alpha, out, N, d, S, MS=M * S, INT64=_int64(h))
+    return out
+
+
+def alpha_mix_backward(dout: torch.Tensor, h: torch.Tensor, alpha: torch.Tensor,
+                       num_subspaces: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dout, h (M, N, D), alpha (MS, MS) -> (dh (M, N, D) in h's dtype, dh chunk j = Σ_i alpha[i, j]
+    · dout chunk i; dalpha (MS, MS) fp32, dalpha[i, j] = Σ dout chunk i ⊙ chunk j), one pass."""
+    M, N, D = h.shape
+    S = num_subspaces
+    MS = M * S
+    h = h.contiguous()
+    dout = dout.to(h.dtype).contiguous()
+    dh = torch.empty_like(h)
+    if h.numel() == 0:
+        return dh, torch.zeros((MS, MS), device=h.device, dtype=torch.float32)
+    alpha = alpha.to(torch.float32).contiguous()
+    d = D // S
+    configs = _alpha_mix_backward_kernel.configs
+    programs = _num_programs(h.device, triton.cdiv(N, _min_block(configs, "BLOCK_N"))
+                             * triton.cdiv(d, _min_block(configs, "BLOCK_D")))
+    partials = torch.empty((programs, MS, MS), device=h.device, dtype=torch.float32)
+    _alpha_mix_backward_kernel[(programs,)](dout, h, alpha, dh, partials, N, d, S, MS=MS, INT64=_int64(h),
+                                            PRECISION="ieee", UPCAST=_upcast(h.dtype))
+    return dh, partials.sum(0)
+
+
+def layer_mix_forward(layers: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
+    """layers (K, M, N, D), beta (M, K) -> out (M, N, D) in layers' dtype, out[m] = Σ_k beta[m, k] ·
+    layers[k, m], accumulated in fp32."""
+    K, M = layers.shape[:2]
+    layers = layers.contiguous()
+    out = torch.empty(layers.shape[1:], device=layers.device, dtype=layers.dtype)
+    if out.numel() == 0:
+        return out
+    if K == 0:
+        return out.zero_()
+    L = out[0].numel()
+    beta = beta.to(torch.float32).contiguous()
+    grid = lambda meta: (triton.cdiv(L, meta["BLOCK"]), M)  # noqa: E731
+    _layer_mix_forward_kernel[grid](layers, beta, out, M, L, K=K, INT64=_int64(layers))
+    return out
+
+
+def layer_mix_backward(dout: torch.Tensor, layers: torch.Tensor,
+                       beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """dout (M, N, D), layers (K, M, N, D), beta (M, K) -> (dlayers (K, M, N, D) in layers' dtype,
+    dlayers[k, m] = beta[m, k] · dout[m]; dbeta (M, K) fp32, dbeta[m, k] = Σ dout[m] ⊙ layers[k, m]),
+    one pass."""
+    K, M = layers.shape[:2]
+    layers = layers.contiguous()
+    dout = dout.to(layers.dtype).contiguous()
+    dlayers = torch.empty_like(layers)
+    L = layers[0, 0].numel() if K * M > 0 else 0
+    if dlayers.numel() == 0:
+        return dlayers, torch.zeros((M, K), device=layers.device, dtype=torch.float32)
+    beta = beta.to(torch.float32).contiguous()
+    # M programs share an SM budget: the grid is (programs, M)
+    programs = _num_programs(layers.device, triton.cdiv(L, _min_block(_layer_mix_backward_kernel.configs, "BLOCK")))
+    programs = max(1, programs // M) if not _INTERPRET else programs
+    partials = torch.empty((M, programs, K), device=layers.device, dtype=torch.float32)
+    _layer_mix_backward_kernel[(programs, M)](dout, layers, beta, dlayers, partials, M, L, K=K,
+                                              INT64=_int64(layers))
+    return dlayers, partials.sum(1)
+
+
+def orthogonality_penalty_forward(weight: torch.Tensor, num_subspaces: int) -> torch.Tensor:
+    """weight (R, C), rows split in S blocks G_s of r = R/S rows -> Σ_{s<t} ‖G_sᵀ G_t‖²_F, a 0-d
+    fp32 tensor; products accumulate in fp32 (fp32 inputs: IEEE, not TF32)."""
+    R, C = weight.shape
+    S = num_subspaces
+    pairs = S * (S - 1) // 2
+    if pairs == 0 or R == 0 or C == 0:
+        return torch.zeros((), device=weight.device, dtype=torch.float32)
+    weight = weight.contiguous()
+    configs = _orthogonality_forward_kernel.configs
+    programs = _num_programs(weight.device, pairs * triton.cdiv(C, _min_block(configs, "BLOCK_A"))
+                             * triton.cdiv(C, _min_block(configs, "BLOCK_B")))
+    partials = torch.empty((programs,), device=weight.device, dtype=torch.float32)
+    _orthogonality_forward_kernel[(programs,)](weight, partials, R // S, C, S, INT64=_int64(weight),
+                                               PRECISION="ieee", UPCAST=_upcast(weight.dtype))
+    return partials.sum()
+
+
+def orthogonality_penalty_backward(weight: torch.Tensor, num_subspaces: int,
+                                   grad: Union[torch.Tensor, float]) -> torch.Tensor:
+    """weight (R, C), grad (scalar) -> dweight (R, C) in weight's dtype: for each pair term
+    ‖AᵀB‖²_F, d/dA = 2 B Bᵀ A and d/dB = 2 A Aᵀ B, so dG_s = 2 Σ_{t≠s} G_t G_tᵀ G_s, times grad.
+
+    Not a kernel: two batched fp32 torch matmuls (the penalty is small work next to the layers it
+    regularises), associated so the intermediate is the smaller of (r, r) and (C, C)."""
+    R, C = weight.shape
+    S = num_subspaces
+    x = weight.to(torch.float32).reshape(S, R // S, C)
+    if S < 2 or x.numel() == 0:
+        return torch.zeros_like(weight)
+    if R // S <= C:
+        gram = x @ x.transpose(1, 2)                                   # (S, r, r): G_t G_tᵀ
+        dx = (gram.sum(0, keepdim=True) - gram) @ x                     # Σ_{t≠s} G_t G_tᵀ G_s
+    else:
+        cross = x.transpose(1, 2).unsqueeze(1) @ x.unsqueeze(0)         # (S, S, C, C): [t, s] = G_tᵀ G_s
+        cross = cross * (1 - torch.eye(S, device=x.device)).view(S, S, 1, 1)
+        dx = torch.einsum("trc,tsce->sre", x, cross)                   # Σ_{t≠s} G_t (G_tᵀ G_s)
+    return (dx * (2 * grad)).reshape(R, C).to(weight.dtype)
