@@ -337,16 +337,17 @@ _INTERPRET_PROGRAMS = 3
 _sm_count: dict = {}
 
 
-def _num_programs(device: torch.device, work: int) -> int:
-    """Programs of a persistent launch: at most `work` (an upper bound on the tiles of any config,
-    so none is idle without need), at most _PROGRAMS_PER_SM per SM."""
+def _num_programs(device: torch.device, work: int, share: int = 1) -> int:
+    """Programs of a persistent launch, per each of `share` independent rows of its grid: at most
+    `work` (the tiles of the smallest config, so none idles without need) and together at most
+    _PROGRAMS_PER_SM per SM."""
     if _INTERPRET or device.type != "cuda":
         cap = _INTERPRET_PROGRAMS
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _sm_count:
             _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        cap = _sm_count[index] * _PROGRAMS_PER_SM
+        cap = _sm_count[index] * _PROGRAMS_PER_SM // share
     return max(1, min(work, cap))
 
 
@@ -423,9 +424,8 @@ def layer_mix_backward(dout: torch.Tensor, layers: torch.Tensor,
     if dlayers.numel() == 0:
         return dlayers, torch.zeros((M, K), device=layers.device, dtype=torch.float32)
     beta = beta.to(torch.float32).contiguous()
-    # M programs share an SM budget: the grid is (programs, M)
-    programs = _num_programs(layers.device, triton.cdiv(L, _min_block(_layer_mix_backward_kernel.configs, "BLOCK")))
-    programs = max(1, programs // M) if not _INTERPRET else programs
+    programs = _num_programs(layers.device, triton.cdiv(L, _min_block(_layer_mix_backward_kernel.configs, "BLOCK")),
+                             share=M)
     partials = torch.empty((M, programs, K), device=layers.device, dtype=torch.float32)
     _layer_mix_backward_kernel[(programs, M)](dout, layers, beta, dlayers, partials, M, L, K=K,
                                               INT64=_int64(layers))
