@@ -21,8 +21,11 @@ from pathlib import Path
 TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # Pointer args that are not of the data dtype: int32 mask words, int64 indices and lengths, bool
 # direction flags.
-INDEX_POINTERS = {"bits_ptr": "*i32", "wi_ptr": "*i64", "mi_ptr": "*i64", "len_ptr": "*i64", "rev_ptr": "*i1"}
+INDEX_POINTERS = {"bits_ptr": "*i32", "wi_ptr": "*i64", "mi_ptr": "*i64", "len_ptr": "*i64", "rev_ptr": "*i1",
+                  # fp32 whatever the data dtype: mixing weights and the per-program partial sums
+                  "alpha_ptr": "*fp32", "beta_ptr": "*fp32", "part_ptr": "*fp32"}
 GEMM, LSTM = "mtlfast.triton_kernels.masked_gemm", "mtlfast.triton_kernels.masked_lstm"
+SLUICE = "mtlfast.triton_kernels.sluice"
 # (kernel module, autotuned kernel name, the strides that are 1 for contiguous inputs: the JIT
 # specialises those to the constant 1, so they are compiled that way here too)
 KERNELS = [
@@ -31,9 +34,18 @@ KERNELS = [
     (GEMM, "_grouped_grad_weight_kernel", {"stride_dn", "stride_xk", "stride_wk"}),
     (LSTM, "_forward_step_kernel", {"stride_wk", "stride_xn", "stride_lb"}),
     (LSTM, "_backward_step_kernel", {"stride_wk", "stride_dh", "stride_lb"}),
+    # offsets computed from the shapes: no stride arguments
+    (SLUICE, "_alpha_mix_forward_kernel", set()),
+    (SLUICE, "_alpha_mix_backward_kernel", set()),
+    (SLUICE, "_layer_mix_forward_kernel", set()),
+    (SLUICE, "_layer_mix_backward_kernel", set()),
+    (SLUICE, "_orthogonality_forward_kernel", set()),
 ]
+# Kernels with no matrix product (a weighted sum per element): no tensor-core instruction to expect.
+NO_MATMUL = {"_layer_mix_forward_kernel", "_layer_mix_backward_kernel"}
 # Flags a launcher may set, with the value used here (and INT64 both ways below).
-FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_MASK": True, "INT64": False, "UPCAST": False}
+FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_MASK": True, "INT64": False, "UPCAST": False,
+                 "MS": 8, "K": 3}   # the mixing kernels' chunk and layer counts (constexprs without defaults)
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory per block on A100 / H100
 
 

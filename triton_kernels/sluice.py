@@ -4,19 +4,23 @@ subspace orthogonality penalty.
 Alpha mixing. h (M, N, D) is contiguous with D = S*d; chunk i = m*S + s is h[m, :, s*d:(s+1)*d]
 and alpha is (MS, MS) fp32: out chunk i = Σ_j alpha[i, j] · chunk j. A program loads one
 (BLOCK_N, BLOCK_D) tile of every chunk at once, as an (MS_P, BLOCK_N, BLOCK_D) tile (MS_P: MS
-rounded up to a power of two, the pad chunks masked off, so they cost no memory traffic), and
-mixes it in registers: every element is read once and written once. MS is a constexpr, so the
-chunk axis is unrolled and held by each thread (the mixing sums never leave the thread).
+rounded up to a power of two; pad chunks are masked off, so they cost no memory traffic), mixes
+it and stores every output chunk once: each element is read once and written once.
 
-The backward makes one pass over dout and h: dh = alphaᵀ·dout per tile (as the forward), and
-dalpha[i, j] = Σ dout_i ⊙ h_j, a GEMM whose reduction runs over all N*d pixels. That reduction
-is a tl.dot per tile, accumulated in registers across the tiles a program visits: a sum of
-products over the tile with tl.sum would instead reduce 64 values across the whole program
-(shuffles and shared memory) for every tile. tl.dot needs 16 rows, so with MS_P < 16 the
-pixels of a tile are split in G = 16 / MS_P groups that become separate rows (row i*G + g holds
-chunk i on pixel group g): the (16, 16) product then holds dalpha on its G diagonal blocks,
-summed once per program at the end. No padding is loaded for that, and bf16 products are exact
-in the fp32 accumulator.
+The mixing is a small GEMM on tensor cores: the tile is viewed as (ROWS, PIXELS) with ROWS =
+MS_P * G >= 16 (tl.dot needs 16), G = 16 / MS_P pixel groups becoming separate rows (row i*G + g
+holds chunk i on pixel group g: a row-major reshape, nothing moves between chunks), and is
+multiplied by alpha ⊗ I_G. Mixing with FMAs instead needs all MS² alpha entries in every
+thread's registers (64 for MS = 8; AOT sm_90, bf16, 512-pixel tile: 127 registers with FMAs, 85
+with the dot), so fewer tiles are in flight per SM; the dot keeps alpha in MMA fragments of 8
+values per thread. alpha keeps ~16 bits (bf16) through a hi + lo split.
+
+The backward makes one pass over dout and h: dh = (alphaᵀ ⊗ I_G) · dout per tile as above, and
+dalpha[i, j] = Σ dout_i ⊙ h_j, a GEMM whose reduction runs over all N*d pixels: dout (ROWS,
+PIXELS) @ hᵀ (PIXELS, ROWS) per tile, accumulated in registers across the tiles a program visits
+(a tl.sum of products would instead reduce MS² values across the program for every tile). The
+(ROWS, ROWS) sum holds dalpha on its G diagonal blocks, added up once per program at the end.
+bf16 products are exact in the fp32 accumulators.
 
 Layer mixing. layers (K, M, N, D) contiguous (flattened here to (K, M, L), L = N*D), beta (M, K)
 fp32: out[m] = Σ_k beta[m, k] · layers[k, m]. One (K_P, BLOCK) tile of the K layers per program;
@@ -54,35 +58,48 @@ def _pow2(n):
 
 @triton.constexpr_function
 def _pixel_groups(chunks_p2):
-    """G: pixel groups turned into rows so the dalpha dot has the 16 rows tl.dot needs."""
+    """G: pixel groups turned into rows so the alpha dots have the 16 rows tl.dot needs."""
     return max(1, 16 // chunks_p2)
 
 
 # ---------------------------------------------------------------------------------------------
-# Autotune candidates. The target is HBM bandwidth (H100, bf16, d = 256, MS = 8): tiles are wide
-# along d (each thread loads 8- or 16-byte vectors of contiguous columns), and a thread holds all
-# MS_P chunks of its pixels, so registers bound the pixels per thread; _prune drops candidates
-# that exceed that for the launch's MS.
+# Autotune candidates. The target is HBM bandwidth (H100, bf16, d = 256, MS = 8): tiles run along
+# d in contiguous vectors, and enough of them must be in flight per SM, so what bounds a tile is
+# the registers of the threads that hold it (every thread holds all MS_P chunks of its pixels).
+# AOT on sm_90 (bf16, MS = 8): 128 pixels per warp (64 bytes of each chunk tile per thread) take
+# 80-110 registers in forward and 105-140 in backward (dout, h, dh and the dot operands); 256 per
+# warp take 140-250 and spill in backward. _prune_tiles keeps the candidates within a per-thread byte
+# budget for the launch's MS and dtype, so MS = 4 gets twice the pixels, fp32 half.
 
-# (BLOCK_N, BLOCK_D, num_warps)
-_ALPHA_SHAPES = [(4, 128, 4), (8, 128, 4), (2, 256, 4), (4, 256, 8), (8, 64, 4), (16, 64, 8), (16, 32, 4),
-                 (32, 32, 8)]
-# (BLOCK, num_warps) over the flattened N*D of one task
-_LAYER_SHAPES = [(1024, 4), (2048, 4), (2048, 8), (4096, 8), (512, 4)]
+# (BLOCK_N, BLOCK_D, num_warps), by pixels per warp: 128, 64, 256
+_ALPHA_SHAPES = {
+    "forward": [(4, 128, 4), (2, 256, 4), (8, 64, 4), (2, 128, 2), (1, 128, 1), (16, 32, 4),
+                (2, 128, 4), (1, 256, 4), (4, 64, 4), (1, 128, 2), (2, 32, 1),
+                (8, 128, 4), (4, 256, 4), (4, 64, 1)],
+    # persistent: small tiles, many programs, the loop over tiles amortising the rest. One or two
+    # warps: the (ROWS, ROWS) dalpha dot is too small to split across more, so each further warp
+    # holds a replica of its operands (4 warps, 512 pixels: 252 registers).
+    "backward": [(1, 128, 1), (2, 64, 1), (4, 32, 1),
+                 (1, 64, 1), (2, 32, 1), (1, 128, 2), (2, 64, 2),
+                 (2, 128, 1), (1, 256, 1), (4, 64, 1)],
+}
+# (BLOCK, num_warps) over the flattened N*D of one task; K_P layers per pixel
+_LAYER_SHAPES = [(1024, 4), (2048, 8), (512, 2), (2048, 4), (4096, 8), (512, 4), (256, 2)]
 # (BLOCK_A, BLOCK_B, BLOCK_R, num_stages, num_warps)
 _ORTHO_SHAPES = [(64, 64, 32, 3, 4), (128, 128, 32, 3, 8), (64, 64, 64, 3, 4), (128, 64, 32, 3, 4),
                  (32, 32, 32, 2, 4)]
 
-# fp32 values of the (chunk or layer) x pixel tile one thread may hold: x, the mixed result and,
-# in backward, dout, next to the mixing weights; past this ptxas spills.
-_VALUES_PER_THREAD = {"forward": 64, "backward": 32}
+# Bytes of one (rows x pixels) tile each thread may hold. Layer forward holds only x and the
+# output; layer backward holds x, dout, dlayers and the dbeta accumulator.
+_TILE_BYTES_PER_THREAD = {"alpha_forward": 64, "alpha_backward": 64, "layer_forward": 128, "layer_backward": 64}
 
 
-def _alpha_configs():
+def _alpha_configs(direction: str):
     if _INTERPRET:
         # one config: the interpreter would time every candidate, and its timings mean nothing
         return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_D": c}, num_warps=w, num_stages=1) for n, c, w in _ALPHA_SHAPES]
+    return [triton.Config({"BLOCK_N": n, "BLOCK_D": c}, num_warps=w, num_stages=1)
+            for n, c, w in _ALPHA_SHAPES[direction]]
 
 
 def _layer_configs():
@@ -98,37 +115,42 @@ def _ortho_configs():
             for a, b, r, s, w in _ORTHO_SHAPES]
 
 
-def fits_shared_memory(config, element_bytes: int, chunks: int = 8) -> bool:
-    """Conservative shared-memory estimate (tests/triton_aot.py calls it for every kernel of this
-    module; `chunks` is MS_P, 8 there). The penalty stages both dot operands per K step; the
-    alpha backward stages the (R, Q) dout and h operands of its dalpha dot; the rest use none."""
+def fits_shared_memory(config, element_bytes: int) -> bool:
+    """tests/triton_aot.py calls this for every kernel of this module. Only the penalty stages
+    operands in shared memory (both dot tiles, per K step); the mixing kernels pass a tile of a
+    few KiB through it for their dots, never near the limit."""
     kw = config.kwargs
     if "BLOCK_R" in kw:
         per_stage = kw["BLOCK_A"] * kw["BLOCK_R"] + kw["BLOCK_R"] * kw["BLOCK_B"]
         return config.num_stages * per_stage * element_bytes <= _SHARED_BUDGET
-    if "BLOCK_D" in kw:
-        return max(config.num_stages, 1) * 2 * chunks * kw["BLOCK_N"] * kw["BLOCK_D"] * element_bytes <= _SHARED_BUDGET
     return True
 
 
-def _values_per_thread(config, rows: int, pixels: int) -> float:
-    return rows * pixels / (32 * config.num_warps)
+def _pixels(config) -> int:
+    kw = config.kwargs
+    return kw["BLOCK_N"] * kw["BLOCK_D"] if "BLOCK_D" in kw else kw["BLOCK"]
 
 
-def _prune_by_registers(budget: str, rows_key: str):
-    """early_config_prune: keeps the candidates whose tile fits the per-thread budget (rows = MS_P
-    or K_P, read from the launch's constexpr), always at least the smallest."""
+def _prune_tiles(budget: str, rows_key: str, min_elements: int = 0):
+    """early_config_prune for the mixing kernels: the candidates whose (rows x pixels) tile takes at
+    most the budget's bytes per thread, rows = MS_P or K_P from the launch's constexpr (the
+    smallest such tile if none does). Tiles under min_elements are never valid: the alpha
+    kernels' dots need rows * pixels >= 16 * 16."""
     def prune(configs, named_args, **kwargs):
         rows = triton.next_power_of_2(kwargs[rows_key])
-        element_bytes = next(v.element_size() for k, v in named_args.items()
-                             if k.endswith("_ptr") and k not in ("alpha_ptr", "beta_ptr", "part_ptr"))
+        element_bytes = named_args["layers_ptr" if "layers_ptr" in named_args else "h_ptr"].element_size()
 
-        def pixels(c):
-            return c.kwargs["BLOCK_N"] * c.kwargs["BLOCK_D"] if "BLOCK_D" in c.kwargs else c.kwargs["BLOCK"]
-        kept = [c for c in configs if _values_per_thread(c, rows, pixels(c)) <= _VALUES_PER_THREAD[budget]
-                and fits_shared_memory(c, element_bytes, rows)]
-        return kept or [min(configs, key=lambda c: _values_per_thread(c, rows, pixels(c)))]
+        def tile_bytes(c):
+            return rows * _pixels(c) * element_bytes / (32 * c.num_warps)
+        valid = [c for c in configs if rows * _pixels(c) >= min_elements]
+        kept = [c for c in valid if tile_bytes(c) <= _TILE_BYTES_PER_THREAD[budget]]
+        return kept or [min(valid, key=tile_bytes)]
     return prune
+
+
+def _prune_shared(configs, named_args, **kwargs):
+    kept = [c for c in configs if fits_shared_memory(c, named_args["w_ptr"].element_size())]
+    return kept or configs[-1:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,40 +178,55 @@ def _chunk_tile(tile, N, d, S, MS: tl.constexpr, INT64: tl.constexpr, BLOCK_N: t
 
 
 @triton.jit
-def _load_mixing(alpha_ptr, MS: tl.constexpr, TRANSPOSE: tl.constexpr):
-    """alpha (MS_P, MS_P) fp32, or alphaᵀ, zero outside (MS, MS)."""
+def _mixing_matrix(alpha_ptr, MS: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """alpha (or alphaᵀ) ⊗ I_G on the grouped rows (ROWS, ROWS), fp32: entry (i*G + g, j*G + g') is
+    alpha[i, j] where g == g' (a pixel group mixes only with itself), 0 off (MS, MS)."""
     MS_P: tl.constexpr = _pow2(MS)
-    rows = tl.arange(0, MS_P)[:, None]
-    cols = tl.arange(0, MS_P)[None, :]
+    G: tl.constexpr = _pixel_groups(MS_P)
+    rows = tl.arange(0, MS_P * G)[:, None]
+    cols = tl.arange(0, MS_P * G)[None, :]
+    i = rows // G
+    j = cols // G
     if TRANSPOSE:
-        offs = cols * MS + rows
+        offs = j * MS + i
     else:
-        offs = rows * MS + cols
-    return tl.load(alpha_ptr + offs, mask=(rows < MS) & (cols < MS), other=0.0)
+        offs = i * MS + j
+    return tl.load(alpha_ptr + offs, mask=(rows % G == cols % G) & (i < MS) & (j < MS), other=0.0)
 
 
 @triton.jit
-def _mix(w, x):
-    """(MS_P, MS_P) weights w, (MS_P, BN, BD) chunks x -> Σ_j w[:, j] · x[j], in fp32. The chunk axes
-    are held within each thread, so the sum is a chain of FMAs in registers."""
-    return tl.sum(w[:, :, None, None] * x.to(tl.float32)[None, :, :, :], axis=1)
+def _mix(w, x, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
+    """w (ROWS, ROWS) fp32 @ x (ROWS, PIXELS) in fp32, on tensor cores. For 16-bit x, w is split in
+    x's dtype as w_hi + w_lo: two dots with exact products and fp32 accumulation carry w to about
+    16 (bf16) or 22 (fp16) bits, where rounding w once would cost more than the output's own
+    rounding (fp16 x: alpha must be within fp16's range). fp32 x: one IEEE dot."""
+    acc = tl.zeros((w.shape[0], x.shape[1]), dtype=tl.float32)
+    if x.dtype == tl.float32:
+        return _dot(w, x, acc, PRECISION, UPCAST)
+    w_hi = w.to(x.dtype)
+    w_lo = (w - w_hi.to(tl.float32)).to(x.dtype)
+    return _dot(w_lo, x, _dot(w_hi, x, acc, PRECISION, UPCAST), PRECISION, UPCAST)
 
 
-@triton.autotune(configs=_alpha_configs(), key=["d", "MS"],
-                 prune_configs_by={"early_config_prune": _prune_by_registers("forward", "MS")})
+@triton.autotune(configs=_alpha_configs("forward"), key=["d", "MS"],
+                 prune_configs_by={"early_config_prune": _prune_tiles("alpha_forward", "MS", 256)})
 @triton.jit
 def _alpha_mix_forward_kernel(h_ptr, alpha_ptr, out_ptr, N, d, S, MS: tl.constexpr, INT64: tl.constexpr,
+                              PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                               BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """out chunk i (N, d) = Σ_j alpha[i, j] · h chunk j, for one (BLOCK_N, BLOCK_D) tile of all
     MS chunks. Grid: (row tiles × column tiles,)."""
+    MS_P: tl.constexpr = _pow2(MS)
+    ROWS: tl.constexpr = MS_P * _pixel_groups(MS_P)
     offs, mask = _chunk_tile(tl.program_id(0), N, d, S, MS, INT64, BLOCK_N, BLOCK_D)
     x = tl.load(h_ptr + offs, mask=mask, other=0.0)
-    out = _mix(_load_mixing(alpha_ptr, MS, False), x)
-    tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=mask)
+    out = _mix(_mixing_matrix(alpha_ptr, MS, False), tl.reshape(x, (ROWS, BLOCK_N * BLOCK_D * MS_P // ROWS)),
+               PRECISION, UPCAST)
+    tl.store(out_ptr + offs, tl.reshape(out, (MS_P, BLOCK_N, BLOCK_D)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_alpha_configs(), key=["d", "MS"],
-                 prune_configs_by={"early_config_prune": _prune_by_registers("backward", "MS")})
+@triton.autotune(configs=_alpha_configs("backward"), key=["d", "MS"],
+                 prune_configs_by={"early_config_prune": _prune_tiles("alpha_backward", "MS", 256)})
 @triton.jit
 def _alpha_mix_backward_kernel(dout_ptr, h_ptr, alpha_ptr, dh_ptr, part_ptr, N, d, S, MS: tl.constexpr,
                                INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -202,16 +239,15 @@ def _alpha_mix_backward_kernel(dout_ptr, h_ptr, alpha_ptr, dh_ptr, part_ptr, N, 
     ROWS: tl.constexpr = MS_P * G
     PIXELS: tl.constexpr = BLOCK_N * BLOCK_D // G
     pid = tl.program_id(0)
-    alpha_t = _load_mixing(alpha_ptr, MS, True)
+    mixing_t = _mixing_matrix(alpha_ptr, MS, True)
     acc = tl.zeros((ROWS, ROWS), dtype=tl.float32)
     for tile in range(pid, tl.cdiv(N, BLOCK_N) * tl.cdiv(d, BLOCK_D), tl.num_programs(0)):
         offs, mask = _chunk_tile(tile, N, d, S, MS, INT64, BLOCK_N, BLOCK_D)
-        dout = tl.load(dout_ptr + offs, mask=mask, other=0.0)
-        tl.store(dh_ptr + offs, _mix(alpha_t, dout).to(dh_ptr.dtype.element_ty), mask=mask)
-        x = tl.load(h_ptr + offs, mask=mask, other=0.0)
-        # row i*G + g: chunk i on pixel group g (a row-major reshape, no data moves between chunks)
-        acc = _dot(tl.reshape(dout, (ROWS, PIXELS)), tl.trans(tl.reshape(x, (ROWS, PIXELS))), acc,
-                   PRECISION, UPCAST)
+        dout = tl.reshape(tl.load(dout_ptr + offs, mask=mask, other=0.0), (ROWS, PIXELS))
+        dh = _mix(mixing_t, dout, PRECISION, UPCAST)
+        tl.store(dh_ptr + offs, tl.reshape(dh, (MS_P, BLOCK_N, BLOCK_D)).to(dh_ptr.dtype.element_ty), mask=mask)
+        x = tl.reshape(tl.load(h_ptr + offs, mask=mask, other=0.0), (ROWS, PIXELS))
+        acc = _dot(dout, tl.trans(x), acc, PRECISION, UPCAST)
     # dalpha[i, j] = Σ_g acc[i*G + g, j*G + g]: the diagonal blocks of the pixel groups
     blocks = tl.reshape(acc, (MS_P, G, MS_P, G))
     same = tl.arange(0, G)[:, None] == tl.arange(0, G)[None, :]
@@ -239,7 +275,7 @@ def _layer_tile(tile, m, M, L, K: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.c
 
 
 @triton.autotune(configs=_layer_configs(), key=["K"],
-                 prune_configs_by={"early_config_prune": _prune_by_registers("forward", "K")})
+                 prune_configs_by={"early_config_prune": _prune_tiles("layer_forward", "K")})
 @triton.jit
 def _layer_mix_forward_kernel(layers_ptr, beta_ptr, out_ptr, M, L, K: tl.constexpr, INT64: tl.constexpr,
                               BLOCK: tl.constexpr):
@@ -255,7 +291,7 @@ def _layer_mix_forward_kernel(layers_ptr, beta_ptr, out_ptr, M, L, K: tl.constex
 
 
 @triton.autotune(configs=_layer_configs(), key=["K"],
-                 prune_configs_by={"early_config_prune": _prune_by_registers("backward", "K")})
+                 prune_configs_by={"early_config_prune": _prune_tiles("layer_backward", "K")})
 @triton.jit
 def _layer_mix_backward_kernel(dout_ptr, layers_ptr, beta_ptr, dlayers_ptr, part_ptr, M, L, K: tl.constexpr,
                                INT64: tl.constexpr, BLOCK: tl.constexpr):
@@ -292,8 +328,7 @@ def _pair(p, S):
 
 
 @triton.autotune(configs=_ortho_configs(), key=["r", "C", "PRECISION"],
-                 prune_configs_by={"early_config_prune": lambda configs, named_args, **kw: [
-                     c for c in configs if fits_shared_memory(c, named_args["w_ptr"].element_size())] or configs[-1:]})
+                 prune_configs_by={"early_config_prune": _prune_shared})
 @triton.jit
 def _orthogonality_forward_kernel(w_ptr, part_ptr, r, C, S, INT64: tl.constexpr, PRECISION: tl.constexpr,
                                   UPCAST: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
@@ -329,25 +364,27 @@ def _orthogonality_forward_kernel(w_ptr, part_ptr, r, C, S, INT64: tl.constexpr,
 # ---------------------------------------------------------------------------------------------
 # Launch helpers
 
-# Persistent programs per SM: enough resident warps to keep HBM busy, few enough that the
-# partials and their reduction stay negligible.
-_PROGRAMS_PER_SM = 4
-# Under the interpreter a few programs, so tests walk several tiles per program and see idle ones.
+# Persistent programs per SM. The mixing backward kernels run small one- or two-warp programs,
+# ~18 resident per SM: many more programs than that keep the last wave short (equal programs
+# finish in waves), and their partials (MS*MS or K floats each, ~4 MiB for the H100 target) stay
+# under 1% of the traffic. The penalty runs big dot tiles, a couple per SM.
+_PROGRAMS_PER_SM = {"mixing": 128, "penalty": 2}
+# Under the interpreter a few programs, so tests walk several tiles per program.
 _INTERPRET_PROGRAMS = 3
 _sm_count: dict = {}
 
 
-def _num_programs(device: torch.device, work: int, share: int = 1) -> int:
+def _num_programs(device: torch.device, work: int, kind: str, share: int = 1) -> int:
     """Programs of a persistent launch, per each of `share` independent rows of its grid: at most
     `work` (the tiles of the smallest config, so none idles without need) and together at most
-    _PROGRAMS_PER_SM per SM."""
+    _PROGRAMS_PER_SM[kind] per SM."""
     if _INTERPRET or device.type != "cuda":
         cap = _INTERPRET_PROGRAMS
     else:
         index = device.index if device.index is not None else torch.cuda.current_device()
         if index not in _sm_count:
             _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        cap = _sm_count[index] * _PROGRAMS_PER_SM // share
+        cap = _sm_count[index] * _PROGRAMS_PER_SM[kind] // share
     return max(1, min(work, cap))
 
 
@@ -367,7 +404,8 @@ def alpha_mix_forward(h: torch.Tensor, alpha: torch.Tensor, num_subspaces: int) 
     alpha = alpha.to(torch.float32).contiguous()
     d = D // S
     grid = lambda meta: (triton.cdiv(N, meta["BLOCK_N"]) * triton.cdiv(d, meta["BLOCK_D"]),)  # noqa: E731
-    _alpha_mix_forward_kernel[grid](h, alpha, out, N, d, S, MS=M * S, INT64=_int64(h))
+    _alpha_mix_forward_kernel[grid](h, alpha, out, N, d, S, MS=M * S, INT64=_int64(h), PRECISION="ieee",
+                                    UPCAST=_upcast(h.dtype))
     return out
 
 
@@ -387,7 +425,7 @@ def alpha_mix_backward(dout: torch.Tensor, h: torch.Tensor, alpha: torch.Tensor,
     d = D // S
     configs = _alpha_mix_backward_kernel.configs
     programs = _num_programs(h.device, triton.cdiv(N, _min_block(configs, "BLOCK_N"))
-                             * triton.cdiv(d, _min_block(configs, "BLOCK_D")))
+                             * triton.cdiv(d, _min_block(configs, "BLOCK_D")), "mixing")
     partials = torch.empty((programs, MS, MS), device=h.device, dtype=torch.float32)
     _alpha_mix_backward_kernel[(programs,)](dout, h, alpha, dh, partials, N, d, S, MS=MS, INT64=_int64(h),
                                             PRECISION="ieee", UPCAST=_upcast(h.dtype))
@@ -425,7 +463,7 @@ def layer_mix_backward(dout: torch.Tensor, layers: torch.Tensor,
         return dlayers, torch.zeros((M, K), device=layers.device, dtype=torch.float32)
     beta = beta.to(torch.float32).contiguous()
     programs = _num_programs(layers.device, triton.cdiv(L, _min_block(_layer_mix_backward_kernel.configs, "BLOCK")),
-                             share=M)
+                             "mixing", share=M)
     partials = torch.empty((M, programs, K), device=layers.device, dtype=torch.float32)
     _layer_mix_backward_kernel[(programs, M)](dout, layers, beta, dlayers, partials, M, L, K=K,
                                               INT64=_int64(layers))
@@ -443,7 +481,7 @@ def orthogonality_penalty_forward(weight: torch.Tensor, num_subspaces: int) -> t
     weight = weight.contiguous()
     configs = _orthogonality_forward_kernel.configs
     programs = _num_programs(weight.device, pairs * triton.cdiv(C, _min_block(configs, "BLOCK_A"))
-                             * triton.cdiv(C, _min_block(configs, "BLOCK_B")))
+                             * triton.cdiv(C, _min_block(configs, "BLOCK_B")), "penalty")
     partials = torch.empty((programs,), device=weight.device, dtype=torch.float32)
     _orthogonality_forward_kernel[(programs,)](weight, partials, R // S, C, S, INT64=_int64(weight),
                                                PRECISION="ieee", UPCAST=_upcast(weight.dtype))
@@ -456,7 +494,8 @@ def orthogonality_penalty_backward(weight: torch.Tensor, num_subspaces: int,
     ‖AᵀB‖²_F, d/dA = 2 B Bᵀ A and d/dB = 2 A Aᵀ B, so dG_s = 2 Σ_{t≠s} G_t G_tᵀ G_s, times grad.
 
     Not a kernel: two batched fp32 torch matmuls (the penalty is small work next to the layers it
-    regularises), associated so the intermediate is the smaller of (r, r) and (C, C)."""
+    regularises, and torch's TF32 switch applies to them as to any fp32 matmul), associated so
+    the intermediate is the smaller of (r, r) and (C, C)."""
     R, C = weight.shape
     S = num_subspaces
     x = weight.to(torch.float32).reshape(S, R // S, C)
