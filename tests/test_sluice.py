@@ -96,6 +96,12 @@ def test_opcheck(backend):
     torch.library.opcheck(torch.ops.mtlfast.layer_mix.default, (layers, beta, backend))
 
 
+@pytest.mark.parametrize("backend", backend_params(DEVICE, ("triton",)))
+def test_penalty_opcheck(backend):
+    w = torch.randn(6, 5, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.mtlfast.orthogonality_penalty.default, (w, 3, backend))
+
+
 @pytest.mark.parametrize("backend", backend_params(DEVICE, ("cpu",)))
 def test_compile_fullgraph(backend):
     torch._dynamo.reset()

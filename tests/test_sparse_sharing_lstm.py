@@ -79,11 +79,17 @@ def test_packed_sequence(backend):
     compare_with_subnet(model, backend, packed, task=0)
 
 
+# unsorted; each task's samples back to back, as many per task (gathered by views, no copy);
+# sorted but uneven
+TASK_LAYOUTS = {"scattered": [2, 0, 2, 1], "blocks": [0, 0, 2, 2], "sorted-uneven": [0, 0, 0, 1]}
+
+
+@pytest.mark.parametrize("layout", TASK_LAYOUTS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_mixed_batch_equals_each_task_alone(backend):
+def test_mixed_batch_equals_each_task_alone(backend, layout):
     model = make_model(1, True)
     x = torch.randn(T, B, I, device=DEVICE)
-    tasks = torch.tensor([2, 0, 2, 1], device=DEVICE)
+    tasks = torch.tensor(TASK_LAYOUTS[layout], device=DEVICE)
     with mtlfast.use_backend(backend):
         out, (h, c) = model(x, task=tasks)
         for b, task in enumerate(tasks.tolist()):
