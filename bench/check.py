@@ -1,7 +1,8 @@
-"""Sanity check of a provider's results against eager before it is timed."""
+"""Sanity check of a provider's results against eager before it is timed (for a random op: a
+statistic of its sample instead)."""
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -34,3 +35,14 @@ def verify(got: Sequence[torch.Tensor], expected: Sequence[torch.Tensor], dtype:
     if not err <= tol:
         raise WrongResult(f"relative error {err:.2e} > {tol:.0e} against eager")
     return err
+
+
+RANDOM_NOTE = "random op: not compared with eager sample by sample (each provider draws its own random stream)"
+
+
+def sample_note(sample_check: Callable[[tuple, tuple[torch.Tensor, ...]], str] | None, args: tuple,
+                outputs: tuple[torch.Tensor, ...]) -> str:
+    """The note of a random op's provider: why it is not compared with eager, and what
+    ``sample_check`` (``OpBench.sample_check``, when the op has one) checked instead; raises
+    :class:`WrongResult` when that check fails."""
+    return RANDOM_NOTE if sample_check is None else f"{RANDOM_NOTE}; {sample_check(args, outputs)}"

@@ -27,7 +27,7 @@ FIELDS: tuple[str, ...] = (
     "git", "threads", "python", "timestamp",
     "clock", "median_s", "quantiles_s", "rounds", "times",
     "flops", "bytes", "tflops", "gbps", "peak", "frac_peak_flops", "frac_peak_bw",
-    "speedup_vs_eager", "frac_dense", "rel_err",
+    "speedup_vs_eager", "frac_dense", "rel_err", "note",
 )
 
 
@@ -74,8 +74,10 @@ def not_run(record: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
 
 
 def measured(record: dict[str, Any], *, samples: Mapping[str, list[float]], clock: str,
-             flops: float, nbytes: float, peak: Peak | None, rel_err: float | None) -> dict[str, Any]:
-    """``record`` completed from timing samples per clock and the op's cost."""
+             flops: float, nbytes: float, peak: Peak | None, rel_err: float | None,
+             note: str | None = None) -> dict[str, Any]:
+    """``record`` completed from timing samples per clock and the op's cost (``note``: why
+    ``rel_err`` is null for a provider of a random op, and what was checked instead)."""
     times = {name: summarize(s) for name, s in samples.items()}
     primary = times[clock]
     tflops, gbps = throughput(flops, nbytes, primary["median_s"])
@@ -85,7 +87,7 @@ def measured(record: dict[str, Any], *, samples: Mapping[str, list[float]], cloc
             "flops": flops, "bytes": nbytes, "tflops": tflops, "gbps": gbps,
             "peak": None if peak is None else {"name": peak.name, "bytes_per_s": peak.bytes_per_s,
                                                "flops_per_s": peak.flops(record["dtype"])},
-            "frac_peak_flops": frac_flops, "frac_peak_bw": frac_bw, "rel_err": rel_err}
+            "frac_peak_flops": frac_flops, "frac_peak_bw": frac_bw, "rel_err": rel_err, "note": note}
 
 
 def group_key(record: Mapping[str, Any]) -> tuple:

@@ -57,6 +57,13 @@ class OpBench:
     eager_name: the provider name of ``eager`` (e.g. "eager-loop" where several eager
         formulations are timed).
     variants: more eager formulations, each a provider of that name, checked against ``eager``.
+    random: the op samples (e.g. Gumbel noise): every provider draws from its own random stream,
+        so none is compared with eager sample by sample; all are timed, with a null ``rel_err``
+        and a ``note`` saying why.
+    sample_check(args, outputs) -> str, or None: for a random op, a cheap statistic of each
+        provider's sample checked instead (e.g. all 0/1, mean near the probability); raises
+        ``bench.check.WrongResult`` when it fails (an error record, not a time) and returns what
+        it checked (appended to the note).
     """
 
     op: str
@@ -67,6 +74,8 @@ class OpBench:
     flops: Callable[[Mapping[str, Any], str], float]
     eager_name: str = "eager"
     variants: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
+    random: bool = False
+    sample_check: Callable[[tuple, tuple[torch.Tensor, ...]], str] | None = None
 
 
 _OPS: dict[str, OpBench] = {}

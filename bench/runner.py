@@ -96,12 +96,15 @@ class Runner:
                 result, first_s = self.timer.timed_call(step)
                 if expected is None:
                     expected, self._eager = result, ((w.key, case.mode), result)
-                rel_err = (check.verify(result[0] + result[1], expected[0] + expected[1], s.torch_dtype)
-                           if built.checked else None)
+                rel_err, note = None, None
+                if spec.random:  # different random streams: a statistic of the sample, if any
+                    note = check.sample_note(spec.sample_check, args, result[0])
+                elif built.checked:
+                    rel_err = check.verify(result[0] + result[1], expected[0] + expected[1], s.torch_dtype)
                 per_call = self.timer.warm_up(step, spent_s=first_s, last_s=first_s)
                 samples = self.timer.measure(step, benchmark, per_call)
         except Exception as exc:  # a failing provider is an error record, the run goes on
             return records.not_run(record, "error", f"{type(exc).__name__}: {exc}")
         return records.measured(record, samples=samples, clock=self.timer.primary_clock,
                                 flops=spec.flops(w.params, case.mode), nbytes=io_bytes(args, expected),
-                                peak=self.peak, rel_err=rel_err)
+                                peak=self.peak, rel_err=rel_err, note=note)

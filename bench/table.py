@@ -52,6 +52,18 @@ def _heading(records: Sequence[Record]) -> str:
             f"{f' · peaks of {peak}' if peak else ''}")
 
 
+def _notes(records: Sequence[Record]) -> list[str]:
+    """One line per op and note whose timed providers carry a ``note`` (a random op, not compared
+    with eager): the note up to its first ``; ``, and where the rest (per provider) is."""
+    more: dict[tuple[str, str], bool] = {}
+    for r in records:
+        if r["status"] == "ok" and r.get("note"):
+            head, _, rest = r["note"].partition("; ")
+            more[(r["op"], head)] = more.get((r["op"], head), False) or bool(rest)
+    where = "; each provider's sample is checked by a statistic instead (see the records' note)"
+    return [f"{op}: {head}{where if rest else ''}." for (op, head), rest in more.items()]
+
+
 def section(records: Sequence[Record]) -> str:
     """Heading and table of records measured on one device in one dtype."""
     wall_column = any(r["clock"] not in (None, "wall") for r in records)
@@ -62,7 +74,8 @@ def section(records: Sequence[Record]) -> str:
     headers += ["% peak FLOP/s", "% peak BW"] * peak_columns
     rows = [_row(r, wall_column, peak_columns) for r in _collapse(records)]
     rows = [row + [""] * (len(headers) - len(row)) for row in rows]
-    return _heading(records) + "\n\n" + fmt.md_table(headers, rows)
+    notes = "".join(f"\n\n{line}" for line in _notes(records))
+    return _heading(records) + "\n\n" + fmt.md_table(headers, rows) + notes
 
 
 def markdown(records: Sequence[Record]) -> str:

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "cpu/lstm_recurrence.h"
+#include "cpu/gumbel.h"
 #include "cpu/mixing.h"
 
 #ifdef MTLFAST_WITH_CUDA
@@ -160,6 +161,23 @@ void layer_mix_backward(int dtype, int64_t K, int64_t M, int64_t N, int64_t D, s
   });
 }
 
+void gumbel_sigmoid_forward(int dtype, int64_t N, bool pairs, std::uintptr_t x, float tau, uint64_t seed, bool hard,
+                            std::uintptr_t z, int threads) {
+  with_cpu_dtype(dtype, "gumbel_sigmoid_forward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mtlfast::cpu::gumbel_sigmoid_forward<T>(N, pairs, ptr<const T>(x), tau, seed, hard, ptr<T>(z), threads);
+  });
+}
+
+void gumbel_sigmoid_backward(int dtype, int64_t N, bool pairs, std::uintptr_t dz, std::uintptr_t x, float tau,
+                             uint64_t seed, std::uintptr_t dx, int threads) {
+  with_cpu_dtype(dtype, "gumbel_sigmoid_backward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    mtlfast::cpu::gumbel_sigmoid_backward<T>(N, pairs, ptr<const T>(dz), ptr<const T>(x), tau, seed, ptr<T>(dx),
+                                             threads);
+  });
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "mtlfast native kernels (CPU and CUDA), framework-free";
   m.def("build_info", &build_info,
@@ -180,6 +198,14 @@ PYBIND11_MODULE(_C, m) {
         "Sluice beta (layer) mixing on CPU (csrc/cpu/mixing.h); pointers as integers");
   m.def("layer_mix_backward", &layer_mix_backward, py::call_guard<py::gil_scoped_release>(),
         "dlayers and dbeta of layer_mix_forward (csrc/cpu/mixing.h); pointers as integers");
+  m.def("philox_uniform", [](uint64_t seed, int64_t offset0, int64_t n, std::uintptr_t out, int threads) {
+          mtlfast::cpu::philox_uniform(seed, offset0, n, ptr<float>(out), threads);
+        }, py::call_guard<py::gil_scoped_release>(),
+        "float32 u in (0, 1) of the Philox stream (seed, offset0 + i), as Triton's tl.randint (csrc/cpu/gumbel.h)");
+  m.def("gumbel_sigmoid_forward", &gumbel_sigmoid_forward, py::call_guard<py::gil_scoped_release>(),
+        "Straight-through Gumbel sigmoid (or complementary pairs) on CPU (csrc/cpu/gumbel.h)");
+  m.def("gumbel_sigmoid_backward", &gumbel_sigmoid_backward, py::call_guard<py::gil_scoped_release>(),
+        "Its backward, noise recomputed from the seed (csrc/cpu/gumbel.h)");
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to mtlfast._C (0 without a driver)");
 #ifdef MTLFAST_WITH_CUDA
   // Same arguments, same order as csrc/cuda/masked_linear.h; pointers and the stream as integers

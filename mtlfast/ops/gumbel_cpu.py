@@ -1,0 +1,75 @@
+"""CPU kernels of the Gumbel ops (csrc/cpu/gumbel.cpp): the same interface as the Triton launchers
+of mtlfast/triton_kernels/gumbel.py and the same Philox noise, bit for bit. Sigmoid samples (and
+complementary pairs) are one native pass each way with the noise recomputed in backward; the
+softmax draws its noise natively and does the rest with torch ops (rows of a handful of
+components: the noise is the expensive part). float32 and float64."""
+from __future__ import annotations
+
+import torch
+
+from mtlfast._native import _C, _DTYPE_CODES
+
+
+def _threads() -> int:
+    return torch.get_num_threads()
+
+
+def _sigmoid_forward(logits: torch.Tensor, tau: torch.Tensor, seed: int, hard: bool, pairs: bool) -> torch.Tensor:
+    x = logits.contiguous()
+    z = x.new_empty(x.shape[:-1] if pairs else x.shape)
+    _C().gumbel_sigmoid_forward(_DTYPE_CODES[x.dtype], z.numel(), pairs, x.data_ptr(), float(tau), seed, hard,
+                                z.data_ptr(), _threads())
+    return z
+
+
+def _sigmoid_backward(grad: torch.Tensor, logits: torch.Tensor, tau: torch.Tensor, seed: int,
+                      pairs: bool) -> torch.Tensor:
+    x = logits.contiguous()
+    grad = grad.to(x.dtype).contiguous()
+    dx = torch.empty_like(x)
+    _C().gumbel_sigmoid_backward(_DTYPE_CODES[x.dtype], grad.numel(), pairs, grad.data_ptr(), x.data_ptr(),
+                                 float(tau), seed, dx.data_ptr(), _threads())
+    return dx
+
+
+def gumbel_sigmoid_forward(logits, tau, seed, hard):
+    return _sigmoid_forward(logits, tau, seed, hard, pairs=False)
+
+
+def gumbel_sigmoid_backward(grad, logits, tau, seed):
+    return _sigmoid_backward(grad, logits, tau, seed, pairs=False)
+
+
+def gumbel_pairs_forward(logits, tau, seed, hard):
+    return _sigmoid_forward(logits, tau, seed, hard, pairs=True)
+
+
+def gumbel_pairs_backward(grad, logits, tau, seed):
+    return _sigmoid_backward(grad, logits, tau, seed, pairs=True)
+
+
+def uniform(seed: int, n: int) -> torch.Tensor:
+    """u (n,) float32 of the Philox stream (seed, 0 .. n-1)."""
+    u = torch.empty(n, dtype=torch.float32)
+    _C().philox_uniform(seed, 0, n, u.data_ptr(), _threads())
+    return u
+
+
+def _soft(logits: torch.Tensor, tau: torch.Tensor, seed: int) -> torch.Tensor:
+    """softmax((x + g) / tau) over the last dim of (R, C), in the accumulation dtype."""
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    g = -torch.log(-torch.log(uniform(seed, logits.numel()))).view(logits.shape)
+    return torch.softmax((logits.to(acc) + g.to(acc)) / tau.to(acc), dim=-1)
+
+
+def gumbel_softmax_forward(logits: torch.Tensor, tau: torch.Tensor, seed: int, hard: bool) -> torch.Tensor:
+    soft = _soft(logits, tau, seed)
+    if hard:
+        soft = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
+    return soft.to(logits.dtype)
+
+
+def gumbel_softmax_backward(grad: torch.Tensor, logits: torch.Tensor, tau: torch.Tensor, seed: int) -> torch.Tensor:
+    soft = _soft(logits, tau, seed)
+    grad = grad.to(soft.dtype)
+    return (soft * (grad - (grad * soft).sum(-1, keepdim=True)) / tau.to(soft.dtype)).to(logits.dtype)

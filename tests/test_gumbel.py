@@ -1,0 +1,308 @@
+"""Gumbel-Matrix: MF.gumbel_sigmoid / gumbel_pairs / gumbel_softmax / allocation_combine on every
+backend (same Philox noise everywhere, so samples are compared exactly), their statistics, the
+straight-through gradient, numerical safety, and GumbelMatrix / ModularLayer."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import mtlfast
+import mtlfast.functional as MF
+import mtlfast.nn as mnn
+from mtlfast.ops.gumbel import draw_seed, gumbel_noise, logistic_noise
+from tests.conftest import DEVICE
+from tests.helpers import assert_close, backend_params
+
+BACKENDS = backend_params(DEVICE, ("reference", "cpu", "triton"))
+# the interpreter runs a Python loop per program: its sample counts are smaller (stated per test)
+INTERPRETED = DEVICE.type == "cpu"
+
+
+def _draws(backend: str, n: int) -> int:
+    return max(n // 16, 1 << 16) if backend == "triton" and INTERPRETED else n
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frequency_matches_sigmoid(backend):
+    """Over ~10^6 draws (2^16 per logit under the interpreter) the frequency of 1 is sigmoid(logit)
+    within 5 binomial standard deviations (+1 draw for the extreme logits)."""
+    logits = torch.tensor([-20.0, -3.0, -0.5, 0.0, 0.5, 3.0, 20.0], device=DEVICE)
+    n = _draws(backend, 150_000)
+    torch.manual_seed(0)
+    with mtlfast.use_backend(backend):
+        z = MF.gumbel_sigmoid(logits.repeat_interleave(n), hard=True).view(len(logits), n)
+    assert set(z.unique().tolist()) <= {0.0, 1.0}
+    p = torch.sigmoid(logits.double()).cpu()
+    freq = z.double().mean(1).cpu()
+    bound = 5 * torch.sqrt(p * (1 - p) / n) + 1.0 / n
+    assert torch.all((freq - p).abs() <= bound), (freq, p, bound)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hard", (True, False), ids=("hard", "soft"))
+def test_straight_through_gradient_equals_soft_autograd(backend, hard):
+    x = (torch.randn(3, 37, device=DEVICE) * 2).requires_grad_()
+    tau = 0.7
+    torch.manual_seed(5)
+    with mtlfast.use_backend(backend):
+        y = MF.gumbel_sigmoid(x, tau=tau, hard=hard)
+    torch.manual_seed(5)
+    noise = logistic_noise(draw_seed(), x.numel(), x.device).view(x.shape).double()
+    v = x.detach().double().requires_grad_() + noise
+    soft = torch.sigmoid(v / tau)
+    expected = (v > 0).double() if hard else soft
+    if hard:
+        decided = v.detach().abs() > 1e-4           # the sign can differ in the last bit only there
+        assert decided.float().mean() > 0.99
+        assert torch.equal(y.detach().double()[decided], expected.detach()[decided])
+    else:
+        assert_close(y, expected, torch.float32, "soft sample")
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    (gx,) = torch.autograd.grad(soft, v, grad.double())
+    assert_close(x.grad, gx, torch.float32, "straight-through gradient")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_pairs_are_the_difference_of_two_gumbels(backend):
+    """gumbel_pairs(l) is gumbel_sigmoid(l[..., 0] - l[..., 1]) with the same noise, gradient (+g, -g)."""
+    logits = torch.randn(4, 9, 2, device=DEVICE, requires_grad=True)
+    torch.manual_seed(3)
+    with mtlfast.use_backend(backend):
+        z = MF.gumbel_pairs(logits, tau=0.5)
+        z.sum().backward()
+    diff = (logits[..., 0] - logits[..., 1]).detach().requires_grad_()
+    torch.manual_seed(3)
+    with mtlfast.use_backend(backend):
+        z2 = MF.gumbel_sigmoid(diff, tau=0.5)
+        z2.sum().backward()
+    assert torch.equal(z, z2)
+    assert_close(logits.grad[..., 0], diff.grad, torch.float32, "d logit 0")
+    assert_close(logits.grad[..., 1], -diff.grad, torch.float32, "d logit 1")
+
+
+def test_backends_draw_the_same_samples():
+    x = torch.randn(1000, device=DEVICE)
+    samples = {}
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(11)
+        with mtlfast.use_backend(backend):
+            samples[backend] = MF.gumbel_sigmoid(x, tau=1.0, hard=False)
+    assert_close(samples["cpu"], samples["reference"], torch.float32, "cpu vs reference")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_seeds(backend):
+    x = torch.zeros(4096, device=DEVICE)
+    with mtlfast.use_backend(backend):
+        torch.manual_seed(1)
+        a = MF.gumbel_sigmoid(x)
+        torch.manual_seed(1)
+        b = MF.gumbel_sigmoid(x)
+        c = MF.gumbel_sigmoid(x)                                            # the next draw
+        g1 = torch.Generator().manual_seed(9)
+        g2 = torch.Generator().manual_seed(9)
+        d, e = MF.gumbel_sigmoid(x, generator=g1), MF.gumbel_sigmoid(x, generator=g2)
+    assert torch.equal(a, b) and torch.equal(d, e)
+    assert not torch.equal(a, c) and not torch.equal(a, d)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_no_nan_or_inf_at_extreme_logits(backend):
+    """10^7 draws at logits ±1e4 and tau 1e-3: finite samples and gradients. Fewer where the draw
+    is slow and the stream is the same anyway (bit-identical to cpu's, tested): 10^6 for the
+    pure-PyTorch reference, 2^18 under the interpreter."""
+    n = {"reference": 1_000_000, "triton": 1 << 18 if INTERPRETED else 10_000_000}.get(backend, 10_000_000)
+    x = torch.tensor([1e4, -1e4], device=DEVICE).repeat(n // 2).requires_grad_()
+    with mtlfast.use_backend(backend):
+        for hard in (True, False):
+            y = MF.gumbel_sigmoid(x, tau=1e-3, hard=hard)
+            (g,) = torch.autograd.grad(y.sum(), x)
+            assert torch.isfinite(y).all() and torch.isfinite(g).all()
+        assert torch.equal(MF.gumbel_sigmoid(x, hard=True).detach(), (x > 0).float())
+
+
+def test_noise_is_never_infinite():
+    """u never reaches 0 or 1: the largest and smallest Philox words give finite noise."""
+    from mtlfast.ops import philox
+    words = torch.tensor([0, 2 ** 32 - 1])
+    u = philox.uniform_from_bits(words)
+    assert torch.all((u > 0) & (u < 1))
+    assert torch.isfinite(torch.log(u) - torch.log(1 - u)).all() and torch.isfinite(-torch.log(-torch.log(u))).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("hard", (True, False), ids=("hard", "soft"))
+def test_gumbel_softmax(backend, hard):
+    x = torch.randn(5, 7, 6, device=DEVICE, requires_grad=True)
+    tau = 0.8
+    torch.manual_seed(4)
+    with mtlfast.use_backend(backend):
+        y = MF.gumbel_softmax(x, tau=tau, hard=hard, dim=1)
+    torch.manual_seed(4)
+    moved = x.detach().double().movedim(1, -1).requires_grad_()
+    g = gumbel_noise(draw_seed(), moved.numel(), x.device).view(moved.shape).double()
+    soft = torch.softmax((moved + g) / tau, dim=-1)
+    got = y.movedim(1, -1)
+    if hard:
+        assert torch.equal(got.detach().sum(-1), torch.ones(5, 6, dtype=got.dtype, device=DEVICE))
+        assert set(got.detach().unique().tolist()) <= {0.0, 1.0}
+        assert torch.equal(got.detach().argmax(-1), soft.detach().argmax(-1))
+    else:
+        assert_close(got, soft, torch.float32, "soft sample")
+    grad = torch.randn_like(got)
+    got.backward(grad)
+    (expected,) = torch.autograd.grad(soft, moved, grad.double())
+    assert_close(x.grad.movedim(1, -1), expected, torch.float32, "softmax gradient")
+
+
+def test_gumbel_softmax_hard_like_torch():
+    """Same contract as torch.nn.functional.gumbel_softmax(hard=True): one-hot forward, gradient
+    of the soft sample (here with our noise on both sides)."""
+    x = torch.randn(4, 5, requires_grad=True)
+    y = MF.gumbel_softmax(x, hard=True)
+    t = torch.nn.functional.gumbel_softmax(x, hard=True)
+    assert y.shape == t.shape and torch.equal(y.detach().sum(-1), t.detach().sum(-1))
+
+
+COMBINE_BACKENDS = backend_params(DEVICE, ("reference", "triton"))
+
+
+@pytest.mark.parametrize("backend", COMBINE_BACKENDS)
+@pytest.mark.parametrize("z", ([1.0, 0.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.3, 0.9, 0.2, 0.1]),
+                         ids=("three", "none", "one", "soft"))
+def test_allocation_combine(backend, z):
+    outputs = torch.randn(4, 3, 5, device=DEVICE, requires_grad=True)
+    zt = torch.tensor(z, device=DEVICE, requires_grad=True)
+    with mtlfast.use_backend(backend):
+        out = MF.allocation_combine(outputs, zt)
+    o64, z64 = outputs.detach().double().requires_grad_(), zt.detach().double().requires_grad_()
+    want = (z64[:, None, None] * o64).sum(0) / z64.sum().clamp(min=1)
+    assert_close(out, want, torch.float32, "combine")
+    if sum(z) == 0:
+        assert torch.equal(out.detach(), torch.zeros_like(out))
+    grad = torch.randn_like(out)
+    out.backward(grad)
+    want.backward(grad.double())
+    assert_close(outputs.grad, o64.grad, torch.float32, "d outputs")
+    assert_close(zt.grad, z64.grad, torch.float32, "d z")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+BAD = [
+    ("tau zero", lambda: MF.gumbel_sigmoid(torch.zeros(3), tau=0.0), ValueError, ["tau", "> 0", "0.0"]),
+    ("tau nan", lambda: MF.gumbel_sigmoid(torch.zeros(3), tau=float("nan")), ValueError, ["tau"]),
+    ("tau tensor negative", lambda: MF.gumbel_softmax(torch.zeros(3), tau=torch.tensor(-1.0)), ValueError, ["tau"]),
+    ("inf logit", lambda: MF.gumbel_sigmoid(torch.tensor([0.0, float("inf")])), ValueError, ["logits", "finite"]),
+    ("nan logit", lambda: MF.gumbel_pairs(torch.tensor([[0.0, float("nan")]])), ValueError, ["logits", "finite"]),
+    ("pairs without 2", lambda: MF.gumbel_pairs(torch.zeros(3, 3)), ValueError, ["logits", "last dim of 2"]),
+    ("int logits", lambda: MF.gumbel_sigmoid(torch.zeros(3, dtype=torch.int64)), TypeError, ["logits", "dtype"]),
+    ("bad dim", lambda: MF.gumbel_softmax(torch.zeros(3, 4), dim=2), ValueError, ["dim"]),
+    ("combine z shape", lambda: MF.allocation_combine(torch.zeros(3, 4), torch.zeros(2)), ValueError, ["z", "(3,)"]),
+    ("matrix components", lambda: mnn.GumbelMatrix(2, []), ValueError, ["components"]),
+    ("matrix p_init", lambda: mnn.GumbelMatrix(2, [3], p_init=1.0), ValueError, ["p_init"]),
+    ("matrix task", lambda: mnn.GumbelMatrix(2, [3])(5), ValueError, ["task", "[0, 2)"]),
+    ("modular allocation", lambda: mnn.ModularLayer([nn.Linear(2, 2)])(torch.zeros(1, 2), torch.ones(2)),
+     ValueError, ["allocation", "(1,)"]),
+]
+
+
+@pytest.mark.parametrize("case,call,error,fragments", BAD, ids=[b[0] for b in BAD])
+def test_bad_input(case, call, error, fragments):
+    with pytest.raises(error) as info:
+        call()
+    for fragment in fragments:
+        assert fragment in str(info.value), f"{fragment!r} not in {info.value}"
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.compile: a new tau does not recompile
+
+@pytest.mark.parametrize("backend", backend_params(DEVICE, ("cpu",)))
+def test_new_tau_does_not_recompile(backend):
+    from torch._dynamo.testing import CompileCounter
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    x = torch.randn(6, 3, 2, requires_grad=True)
+
+    def sample(x, tau):
+        return MF.gumbel_pairs(x, tau=tau, hard=True)
+
+    compiled = torch.compile(sample, backend=counter, fullgraph=True)
+    with mtlfast.use_backend(backend):
+        for tau in (1.0, 0.5, 0.25):
+            z = compiled(x, torch.tensor(tau))
+            z.sum().backward()
+    assert counter.frame_count == 1
+    assert set(z.detach().unique().tolist()) <= {0.0, 1.0} and x.grad is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Modules
+
+def test_gumbel_matrix_hand_made():
+    gm = mnn.GumbelMatrix(3, [2, 3], p_init=0.5)
+    with torch.no_grad():
+        gm.logits.zero_()
+        # task 0 uses layer 0 comp 0 and layer 1 comp 2; task 1 the same; task 2 only layer 1 comp 0
+        for t, c in ((0, 0), (0, 4), (1, 0), (1, 4), (2, 2)):
+            gm.logits[t, c, 0] = 3.0
+    emb = gm.task_embeddings()
+    assert emb.tolist() == [[1, 0, 0, 0, 1], [1, 0, 0, 0, 1], [0, 0, 1, 0, 0]]
+    sim = gm.task_similarity()
+    assert sim[0, 1].item() == pytest.approx(1.0) and sim[0, 2].item() == 0.0 and sim[2, 2].item() == pytest.approx(1.0)
+    expected = (5 * torch.sigmoid(torch.tensor(3.0)) + 10 * 0.5) / 15          # mean allocation probability
+    assert gm.budget_penalty(0.2, weight=2.0).item() == pytest.approx(2.0 * (expected.item() - 0.2), rel=1e-6)
+    assert gm.budget_penalty(0.9).item() == 0.0
+    gm.eval()
+    assert [a.tolist() for a in gm(0)] == [[1.0, 0.0], [0.0, 0.0, 1.0]]      # greedy: p > 0.5
+    probs = gm.probabilities()
+    assert probs[0].shape == (3, 2) and probs[1].shape == (3, 3)
+
+
+def test_gumbel_matrix_training_sampling_and_schedule():
+    gm = mnn.GumbelMatrix(4, [7, 7, 3], tau=2.0, tau_min=0.5)
+    layers = gm.sample_all()
+    assert [tuple(a.shape) for a in layers] == [(4, 7), (4, 7), (4, 3)]
+    sum(a.sum() for a in layers).backward()
+    assert gm.logits.grad is not None and gm.logits.grad.abs().sum() > 0
+    assert gm.tau == 2.0
+    for _ in range(3):
+        gm.advance()
+    assert gm.tau == pytest.approx(1.0)                                        # 2 / sqrt(4)
+    for _ in range(100):
+        gm.advance()
+    assert gm.tau == 0.5
+    group = gm.optimizer_param_group(1e-3)
+    assert group["lr"] == pytest.approx(4e-3) and group["params"][0] is gm.logits
+    assert gm.layer_logits(1).shape == (4, 7, 2)
+
+
+def test_modular_layer_skips_unallocated_components_in_eval():
+    calls = []
+
+    class Probe(nn.Module):
+        def __init__(self, k):
+            super().__init__()
+            self.k = k
+
+        def forward(self, x):
+            calls.append(self.k)
+            return x * (self.k + 1)
+
+    layer = mnn.ModularLayer([Probe(k) for k in range(4)])
+    x = torch.ones(2, 3)
+    z = torch.tensor([1.0, 0.0, 1.0, 0.0])
+    train_out = layer(x, z)
+    assert sorted(calls) == [0, 1, 2, 3]
+    calls.clear()
+    layer.eval()
+    eval_out = layer(x, z)
+    assert sorted(calls) == [0, 2]                                             # components 1 and 3 skipped
+    assert torch.equal(train_out, eval_out) and torch.allclose(eval_out, x * 2)
+    assert torch.equal(layer(x, torch.zeros(4)), torch.zeros(2, 3))
