@@ -166,6 +166,20 @@ def test_sigmoid_eager_is_straight_through_logistic_noise(dtype: torch.dtype) ->
         gb.sigmoid_check((x, tau), (1 - y,))
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_inputs_are_not_drawn_from_the_global_stream(seed: int) -> None:
+    # torch.manual_seed(seed) (as tests/conftest.py does) with inputs seeded ``seed``: drawn from the same
+    # Mersenne-Twister stream, gumbel_sigmoid's logits and eager's noise were correlated (fraction of
+    # ones 0.41 where the mean probability is 0.33)
+    x, tau = gb.sigmoid_inputs({"n": 2 ** 20, "tau": 1.0}, CPU, torch.float32, False, seed)
+    torch.manual_seed(seed)
+    gb.sigmoid_check((x, tau), (gb.gumbel_sigmoid_eager(x, tau),))
+    logits, cfg = gb.matrix_inputs({"num_tasks": 1024, "components": (512,), "tau": 1.0}, CPU, torch.float32,
+                                   False, seed)
+    torch.manual_seed(seed)
+    gb.matrix_check((logits, cfg), (gb.matrix_eager(logits, cfg),))
+
+
 def test_binary_sample_check_rejects_soft_outputs() -> None:
     p = torch.full((100,), 0.3, dtype=torch.float64)
     with pytest.raises(check.WrongResult, match="not all 0 or 1"):
@@ -174,6 +188,8 @@ def test_binary_sample_check_rejects_soft_outputs() -> None:
         gb.check_binary_sample((p[:10],), p)
     z = (torch.arange(100) % 10 < 3).double()
     assert "0.300 vs 0.300" in gb.check_binary_sample((z,), p)
+    with pytest.raises(check.WrongResult, match="fraction of ones 0.0000"):
+        gb.check_binary_sample((torch.zeros(10000, dtype=torch.float64),), p.repeat(100))
 
 
 def _combine_by_definition(outputs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -318,3 +334,16 @@ def test_mtlfast_combine_matches_eager_where_it_exists() -> None:
         got = make_step(gb.combine_fn(), args, "fwd+bwd", 0)()
     for a, b in zip(got[0] + got[1], expected[0] + expected[1]):
         torch.testing.assert_close(a, b)
+
+
+def test_mtlfast_gumbel_sigmoid_where_it_exists() -> None:
+    try:
+        import mtlfast
+        from mtlfast.functional import gumbel_sigmoid  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"mtlfast.functional.gumbel_sigmoid is not importable yet: {exc}")
+    args = gb.sigmoid_inputs({"n": 2 ** 16, "tau": 0.5}, CPU, torch.float32, True, 0)
+    with mtlfast.use_backend("reference"):
+        outs, (dx,) = make_step(gb.gumbel_sigmoid_fn(), args, "fwd+bwd", 0)()
+    assert gb.sigmoid_check(args, outs).startswith("sample checked")
+    assert torch.isfinite(dx).all() and dx.abs().sum() > 0

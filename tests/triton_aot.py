@@ -23,9 +23,13 @@ TRITON_DTYPES = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32"}
 # direction flags.
 INDEX_POINTERS = {"bits_ptr": "*i32", "wi_ptr": "*i64", "mi_ptr": "*i64", "len_ptr": "*i64", "rev_ptr": "*i1",
                   # fp32 whatever the data dtype: mixing weights and the per-program partial sums
-                  "alpha_ptr": "*fp32", "beta_ptr": "*fp32", "part_ptr": "*fp32"}
+                  "alpha_ptr": "*fp32", "beta_ptr": "*fp32", "part_ptr": "*fp32", "tau_ptr": "*fp32", "z_ptr": "*fp32"}
 GEMM, LSTM = "mtlfast.triton_kernels.masked_gemm", "mtlfast.triton_kernels.masked_lstm"
 SLUICE = "mtlfast.triton_kernels.sluice"
+GUMBEL = "mtlfast.triton_kernels.gumbel"
+_GUMBEL_KERNELS = ["_sigmoid_forward_kernel", "_sigmoid_backward_kernel", "_pairs_forward_kernel",
+                   "_pairs_backward_kernel", "_softmax_forward_kernel", "_softmax_backward_kernel",
+                   "_combine_forward_kernel", "_combine_backward_kernel"]
 # (kernel module, autotuned kernel name, the strides that are 1 for contiguous inputs: the JIT
 # specialises those to the constant 1, so they are compiled that way here too)
 KERNELS = [
@@ -40,12 +44,14 @@ KERNELS = [
     (SLUICE, "_layer_mix_forward_kernel", set()),
     (SLUICE, "_layer_mix_backward_kernel", set()),
     (SLUICE, "_orthogonality_forward_kernel", set()),
+    *((GUMBEL, name, set()) for name in _GUMBEL_KERNELS),
 ]
 # Kernels with no matrix product (a weighted sum per element): no tensor-core instruction to expect.
-NO_MATMUL = {"_layer_mix_forward_kernel", "_layer_mix_backward_kernel"}
+NO_MATMUL = {"_layer_mix_forward_kernel", "_layer_mix_backward_kernel", *_GUMBEL_KERNELS}
 # Flags a launcher may set, with the value used here (and INT64 both ways below).
 FLAG_DEFAULTS = {"HAS_BIAS": True, "HAS_MASK": True, "INT64": False, "UPCAST": False,
-                 "MS": 8, "K": 3}   # the mixing kernels' chunk and layer counts (constexprs without defaults)
+                 "MS": 8, "K": 3,   # the mixing kernels' chunk and layer counts (constexprs without defaults)
+                 "HARD": True, "COMPONENTS": 7, "BLOCK_C": 1024}   # the Gumbel kernels
 SHARED_LIMIT = {80: 166912, 90: 232448}  # bytes of shared memory per block on A100 / H100
 
 
