@@ -17,17 +17,20 @@ from tests.conftest import DEVICE
 from tests.helpers import assert_close, backend_params
 
 BACKENDS = backend_params(DEVICE, ("reference", "cpu", "triton"))
-# the interpreter runs a Python loop per program: its sample counts are smaller (stated per test)
+# The interpreter runs Philox's ten rounds through numpy, ~0.3 ms per thousand draws: under it the
+# Triton kernels draw 2^13 samples per case (the statistics at full size are the cpu backend's,
+# whose stream is bit-identical: test_backends_draw_the_same_samples and tests/test_triton_gumbel.py).
 INTERPRETED = DEVICE.type == "cpu"
+INTERPRETER_DRAWS = 1 << 13
 
 
 def _draws(backend: str, n: int) -> int:
-    return max(n // 16, 1 << 16) if backend == "triton" and INTERPRETED else n
+    return INTERPRETER_DRAWS if backend == "triton" and INTERPRETED else n
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_frequency_matches_sigmoid(backend):
-    """Over ~10^6 draws (2^16 per logit under the interpreter) the frequency of 1 is sigmoid(logit)
+    """Over ~10^6 draws (2^13 per logit under the interpreter) the frequency of 1 is sigmoid(logit)
     within 5 binomial standard deviations (+1 draw for the extreme logits)."""
     logits = torch.tensor([-20.0, -3.0, -0.5, 0.0, 0.5, 3.0, 20.0], device=DEVICE)
     n = _draws(backend, 150_000)
@@ -114,8 +117,8 @@ def test_seeds(backend):
 def test_no_nan_or_inf_at_extreme_logits(backend):
     """10^7 draws at logits ±1e4 and tau 1e-3: finite samples and gradients. Fewer where the draw
     is slow and the stream is the same anyway (bit-identical to cpu's, tested): 10^6 for the
-    pure-PyTorch reference, 2^18 under the interpreter."""
-    n = {"reference": 1_000_000, "triton": 1 << 18 if INTERPRETED else 10_000_000}.get(backend, 10_000_000)
+    pure-PyTorch reference, 2^13 under the interpreter."""
+    n = 1_000_000 if backend == "reference" else _draws(backend, 10_000_000)
     x = torch.tensor([1e4, -1e4], device=DEVICE).repeat(n // 2).requires_grad_()
     with mtlfast.use_backend(backend):
         for hard in (True, False):
