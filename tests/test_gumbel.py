@@ -223,6 +223,14 @@ def test_bad_input(case, call, error, fragments):
         assert fragment in str(info.value), f"{fragment!r} not in {info.value}"
 
 
+@pytest.mark.parametrize("backend", backend_params(DEVICE, ("cpu", "triton")))
+@pytest.mark.parametrize("pairs", (False, True), ids=("elementwise", "pairs"))
+def test_opcheck(backend, pairs):
+    logits = torch.randn(5, 2, device=DEVICE, requires_grad=True)
+    args = (logits, torch.tensor(0.7, device=DEVICE), torch.tensor([12345]), True, pairs, backend)
+    torch.library.opcheck(torch.ops.mtlfast.gumbel_sigmoid.default, args)
+
+
 # ---------------------------------------------------------------------------------------------
 # torch.compile: a new tau does not recompile
 
