@@ -13,8 +13,9 @@ an allocation.
 - ``*_reference``: plain PyTorch from the same noise; the oracle and the ``reference`` backend.
 - ``cpu`` (csrc/cpu/gumbel.cpp) and ``triton`` (mtlfast/triton_kernels/gumbel.py): one pass
   forward (noise, threshold or argmax, soft value), one pass backward.
-- ``tau`` is a float or a 0-d tensor; inside torch.compile it reaches the kernels as a tensor,
-  so a new value does not recompile.
+- ``tau`` is a float or a 0-d tensor; inside torch.compile it reaches the kernels as a tensor.
+  A tensor tau never recompiles; a float one is symbolic after dynamo's one recompilation at the
+  second value it sees (its automatic dynamic), and never after.
 """
 from __future__ import annotations
 
@@ -134,7 +135,10 @@ def _validate(op: str, logits: object, tau: object, pairs: bool = False) -> None
             value = float(tau)
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{op}: argument 'tau' must be finite and > 0, got {value}")
-    elif not isinstance(tau, (int, float)) or isinstance(tau, bool) or not (math.isfinite(tau) and tau > 0):
+    elif isinstance(tau, bool) or not isinstance(tau, (int, float, torch.SymFloat, torch.SymInt)):
+        raise ValueError(f"{op}: argument 'tau' must be a float or a tensor, got {type(tau).__name__}")
+    elif not torch.compiler.is_compiling() and not (math.isfinite(tau) and tau > 0):
+        # while compiling, a float tau is symbolic (so a new value does not recompile): unchecked
         raise ValueError(f"{op}: argument 'tau' must be finite and > 0, got {tau!r}")
     if not torch.compiler.is_compiling() and logits.numel() and not bool(torch.isfinite(logits).all()):
         raise ValueError(f"{op}: argument 'logits' must be finite (got inf or NaN): a ±inf logit makes the "
