@@ -218,10 +218,47 @@ def test_bad_input(case, fn, error, fragments):
 
 
 def test_native_cell_propagates_nan():
-    """csrc/cpu/lstm_cell.cpp is compiled with -ffast-math: NaN must still come out as NaN."""
+    """The native cell's hand-vectorised sigmoid and tanh (csrc/cpu/vector_math.h): NaN must
+    still come out as NaN, in the steps after it and nowhere else."""
     model = make_model(1, False).cpu()   # the native cell is the CPU backend's, whatever DEVICE is
     x = torch.randn(T, B, I)
     x[2, 1, 0] = float("nan")
     with mtlfast.use_backend("cpu"):
         out, (h, c) = model(x, task=0)
     assert torch.isnan(out[2:, 1]).all() and not torch.isnan(out[:2]).any() and not torch.isnan(out[:, 0]).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("hidden", [16, 13])   # whole vectors, and a tail of 5 units
+def test_native_cell_activations(dtype, hidden):
+    """One step of the native recurrence with a zero recurrent weight, so the saved gates are the
+    activations of xproj itself: within a few ulp of torch.sigmoid / torch.tanh over the whole
+    range (the vector exp's reduction at every binade), exactly 0 and 1 at ±inf and past the
+    range where e^-|x| underflows, NaN where xproj is NaN; and the cell's c and h from them."""
+    from mtlfast.ops import masked_lstm_cpu as K
+
+    G, B, H = 1, 7, hidden
+    values = torch.cat([torch.linspace(-100, 100, 997, dtype=dtype), torch.logspace(-30, 2, 200, dtype=dtype),
+                        -torch.logspace(-30, 2, 200, dtype=dtype),
+                        torch.tensor([0.0, -0.0, 87.0, 88.0, -88.0, 89.0, 1e30, -1e30], dtype=dtype)])
+    xproj = values.repeat(B * 4 * H // values.numel() + 1)[:B * 4 * H].view(G, 1, B, 4 * H).clone()
+    xproj[0, 0, 0, :4 * H:H] = torch.tensor([float("inf"), float("-inf"), float("inf"), float("inf")])
+    xproj[0, 0, 1, :4 * H:H] = torch.tensor([float("-inf"), float("inf"), float("-inf"), float("-inf")])
+    xproj[0, 0, 2, 1] = float("nan")
+    weights = K.prepare(torch.zeros(1, 4 * H, H, dtype=dtype), torch.zeros(1, dtype=torch.int64), None,
+                        torch.full((1,), -1))
+    c0 = torch.rand(G, B, H, dtype=dtype)
+    hs, h_n, c_n, gates, cells, _ = K.forward_recurrence(xproj, torch.zeros(G, B, H, dtype=dtype), c0, weights,
+                                                         torch.ones(G, B, dtype=torch.int64), torch.zeros(G, dtype=torch.bool))
+    pre = xproj.view(B, 4, H)
+    expected = torch.stack([pre[:, 0].sigmoid(), pre[:, 1].sigmoid(), pre[:, 2].tanh(), pre[:, 3].sigmoid()], 1)
+    got = gates.view(B, 4, H)
+    # 2 sigmoid(2x) - 1 for tanh(g) costs absolute, not relative, precision near 0
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(got, expected, rtol=4 * eps, atol=4 * eps, equal_nan=True)
+    assert got[0, :, 0].tolist() == [1.0, 0.0, 1.0, 1.0] and got[1, :, 0].tolist() == [0.0, 1.0, -1.0, 0.0]
+    assert torch.isnan(got[2, 0, 1]) and torch.isnan(got).sum() == 1
+    c = expected[:, 1] * c0[0] + expected[:, 0] * expected[:, 2]
+    torch.testing.assert_close(c_n[0], c, rtol=8 * eps, atol=8 * eps, equal_nan=True)
+    torch.testing.assert_close(h_n[0], expected[:, 3] * c.tanh(), rtol=8 * eps, atol=8 * eps, equal_nan=True)
+    assert c_n[0, 0, 0] == 1 + 0 * c0[0, 0, 0] and h_n[0, 1, 0] == 0

@@ -1,6 +1,6 @@
-// Compiled with -ffast-math (CMakeLists.txt): gcc then calls glibc's vector expf (libmvec) in the
-// activation loops and contracts the tile's multiply-adds into FMAs. Nothing here compares values,
-// so NaN and Inf still propagate (tests/test_masked_lstm.py checks).
+// Compiled with -ffp-contract=fast (CMakeLists.txt) so the tile's multiply-adds become FMAs; not
+// with -ffast-math: the cell's sigmoid and tanh are vectorised by hand (cpu/vector_math.h) and
+// NaN and Inf propagate as in eager PyTorch (tests/test_sparse_sharing_lstm.py checks).
 //
 // Why a hand-written GEMM: the recurrent matmul of a step has B rows (10 in the papers' taggers)
 // against a (H, 4H) weight. BLAS packs the weight on every call and reaches about half of the
@@ -18,6 +18,7 @@
 
 #include "cpu/clones.h"
 #include "cpu/parallel.h"
+#include "cpu/vector_math.h"
 
 namespace mtlfast {
 namespace cpu {
@@ -104,20 +105,6 @@ MTLFAST_INLINE void zero_units(T* dst, int n) {
   }
 }
 
-// Both through e^{-|x|} in (0, 1], glibc's vector expf under -ffast-math (libmvec): no
-// overflow, so ±inf gives exactly 0 / 1 and ±1, and NaN stays NaN.
-template <typename T>
-MTLFAST_INLINE T sigmoid(T x) {
-  const T e = std::exp(-std::fabs(x));
-  return (x >= T(0) ? T(1) : e) / (T(1) + e);
-}
-
-template <typename T>
-MTLFAST_INLINE T fast_tanh(T x) {
-  const T e = std::exp(T(-2) * std::fabs(x));
-  return std::copysign((T(1) - e) / (T(1) + e), x);
-}
-
 // The time slot step s of row (g, b) reads and writes: s going forward; within the row's length,
 // backwards for a reverse group (like a packed sequence); padded steps map to themselves (they are
 // the last slots either way), so the mapping is a permutation of the slots.
@@ -193,8 +180,7 @@ MTLFAST_INLINE void forward_block(const ForwardArgs<T>& a, int64_t s, int64_t g,
       // tanh(x) = 2 sigmoid(2x) - 1: one sigmoid loop over every gate vectorises best
       for (int u = 0; u < L; ++u) pre[r][2 * L + u] *= T(2);
     }
-    T* flat = &pre[0][0];
-    for (int i = 0; i < rows * 4 * L; ++i) flat[i] = sigmoid(flat[i]);
+    sigmoid_into(&pre[0][0], &pre[0][0], rows * 4 * L);
     for (int r = 0; r < rows; ++r) {
       const T* c_row = a.c + (g * B + b0 + r) * H + u0;
       for (int u = 0; u < L; ++u) {
@@ -203,11 +189,8 @@ MTLFAST_INLINE void forward_block(const ForwardArgs<T>& a, int64_t s, int64_t g,
         cnew[r][u] = pre[r][L + u] * (u < units ? c_row[u] : T(0)) + pre[r][u] * gg;
       }
     }
-    // h = o * tanh(c) over the tile in local arrays: a loop gcc vectorises (through libmvec's
-    // expf); written into the outputs below, the same loop ran one scalar expf per element
-    const T* c_flat = &cnew[0][0];
-    T* h_flat = &hnew[0][0];
-    for (int i = 0; i < rows * L; ++i) h_flat[i] = fast_tanh(c_flat[i]);
+    // h = o * tanh(c) over the tile in local arrays, then written into the outputs below
+    tanh_into(&cnew[0][0], &hnew[0][0], rows * L);
     for (int r = 0; r < rows; ++r) {
       for (int u = 0; u < L; ++u) hnew[r][u] *= pre[r][3 * L + u];
     }
@@ -283,22 +266,30 @@ MTLFAST_INLINE void pack_backward_block(const BackwardArgs<T>& a, int64_t g, int
 }
 
 // The cell's backward for one row: dh_tot = dhs + dh, the pre-activation gradients, dc <- dc_tot * f.
+// In chunks of 8 units: tanh(c) of a chunk is one vector call, the rest vectorises as it stands.
 template <typename T>
 MTLFAST_INLINE void backward_row(int64_t H, const T* __restrict act, const T* __restrict cs, const T* __restrict cp,
                                  const T* __restrict dy, const T* __restrict dh, T* __restrict dc, T* __restrict d) {
+  constexpr int64_t C = 8;
   const T* i = act;
   const T* f = act + H;
   const T* g = act + 2 * H;
   const T* o = act + 3 * H;
-  for (int64_t j = 0; j < H; ++j) {
-    const T tc = fast_tanh(cs[j]);
-    const T dh_tot = dy[j] + dh[j];
-    const T dc_tot = dc[j] + dh_tot * o[j] * (T(1) - tc * tc);
-    d[j] = dc_tot * g[j] * i[j] * (T(1) - i[j]);
-    d[H + j] = dc_tot * cp[j] * f[j] * (T(1) - f[j]);
-    d[2 * H + j] = dc_tot * i[j] * (T(1) - g[j] * g[j]);
-    d[3 * H + j] = dh_tot * tc * o[j] * (T(1) - o[j]);
-    dc[j] = dc_tot * f[j];
+  alignas(64) T tcs[C];
+  for (int64_t j0 = 0; j0 < H; j0 += C) {
+    const int64_t n = std::min<int64_t>(C, H - j0);
+    tanh_into(cs + j0, tcs, n);
+    for (int64_t u = 0; u < n; ++u) {
+      const int64_t j = j0 + u;
+      const T tc = tcs[u];
+      const T dh_tot = dy[j] + dh[j];
+      const T dc_tot = dc[j] + dh_tot * o[j] * (T(1) - tc * tc);
+      d[j] = dc_tot * g[j] * i[j] * (T(1) - i[j]);
+      d[H + j] = dc_tot * cp[j] * f[j] * (T(1) - f[j]);
+      d[2 * H + j] = dc_tot * i[j] * (T(1) - g[j] * g[j]);
+      d[3 * H + j] = dh_tot * tc * o[j] * (T(1) - o[j]);
+      dc[j] = dc_tot * f[j];
+    }
   }
 }
 
