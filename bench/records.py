@@ -3,7 +3,9 @@
 Times are seconds.  ``median_s``/``quantiles_s`` are those of the primary ``clock``
 ("cuda_event" on CUDA, "wall" on CPU); ``times`` holds the statistics of every clock measured.
 FLOPs are the dense-equivalent count of the op; bytes are the lower bound an ideal fused
-kernel moves (every input, output, incoming gradient and produced gradient once).
+kernel moves (every input, output, incoming gradient and produced gradient once). ``launches``
+counts what one call starts (``mtlfast.profile.count_launches``): kernels on a GPU, PyTorch
+operator calls on a CPU (``launch_kind`` says which).
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ FIELDS: tuple[str, ...] = (
     "git", "threads", "python", "timestamp",
     "clock", "median_s", "quantiles_s", "rounds", "times",
     "flops", "bytes", "tflops", "gbps", "peak", "frac_peak_flops", "frac_peak_bw",
-    "speedup_vs_eager", "frac_dense", "rel_err", "note",
+    "speedup_vs_eager", "frac_dense", "rel_err", "note", "launches", "launch_kind",
 )
 
 
@@ -75,9 +77,12 @@ def not_run(record: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
 
 def measured(record: dict[str, Any], *, samples: Mapping[str, list[float]], clock: str,
              flops: float, nbytes: float, peak: Peak | None, rel_err: float | None,
-             note: str | None = None) -> dict[str, Any]:
+             note: str | None = None, launches: float | None = None,
+             launch_kind: str | None = None) -> dict[str, Any]:
     """``record`` completed from timing samples per clock and the op's cost (``note``: why
-    ``rel_err`` is null for a provider of a random op, and what was checked instead)."""
+    ``rel_err`` is null for a provider of a random op, and what was checked instead;
+    ``launches``: per call, of ``launch_kind``: "kernel launches" on a GPU, "operator calls" on
+    a CPU; None when mtlfast.profile could not count them)."""
     times = {name: summarize(s) for name, s in samples.items()}
     primary = times[clock]
     tflops, gbps = throughput(flops, nbytes, primary["median_s"])
@@ -87,7 +92,8 @@ def measured(record: dict[str, Any], *, samples: Mapping[str, list[float]], cloc
             "flops": flops, "bytes": nbytes, "tflops": tflops, "gbps": gbps,
             "peak": None if peak is None else {"name": peak.name, "bytes_per_s": peak.bytes_per_s,
                                                "flops_per_s": peak.flops(record["dtype"])},
-            "frac_peak_flops": frac_flops, "frac_peak_bw": frac_bw, "rel_err": rel_err, "note": note}
+            "frac_peak_flops": frac_flops, "frac_peak_bw": frac_bw, "rel_err": rel_err, "note": note,
+            "launches": launches, "launch_kind": launch_kind}
 
 
 def group_key(record: Mapping[str, Any]) -> tuple:

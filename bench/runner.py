@@ -39,6 +39,17 @@ def make_step(fn: Callable[..., Any], args: Sequence[Any], mode: str, seed: int)
     return step
 
 
+def launches(step: Callable[[], Result], device: torch.device) -> tuple[float | None, str | None]:
+    """(launches per call, their kind) of one step, through mtlfast.profile; (None, None) when
+    mtlfast cannot be imported (the baselines are still timed)."""
+    try:
+        from mtlfast.profile import count_launches
+    except Exception:
+        return None, None
+    count = count_launches(step, warmup=0, device=device)  # the step ran warm already
+    return count.per_call, count.kind
+
+
 def io_bytes(args: Sequence[Any], result: Result) -> int:
     """Ideal traffic: inputs, outputs, and in ``fwd+bwd`` the output gradients and the gradients."""
     outs, grads = result
@@ -103,8 +114,10 @@ class Runner:
                     rel_err = check.verify(result[0] + result[1], expected[0] + expected[1], s.torch_dtype)
                 per_call = self.timer.warm_up(step, spent_s=first_s, last_s=first_s)
                 samples = self.timer.measure(step, benchmark, per_call)
+                launch_count, launch_kind = launches(step, self.device)
         except Exception as exc:  # a failing provider is an error record, the run goes on
             return records.not_run(record, "error", f"{type(exc).__name__}: {exc}")
         return records.measured(record, samples=samples, clock=self.timer.primary_clock,
                                 flops=spec.flops(w.params, case.mode), nbytes=io_bytes(args, expected),
-                                peak=self.peak, rel_err=rel_err, note=note)
+                                peak=self.peak, rel_err=rel_err, note=note,
+                                launches=launch_count, launch_kind=launch_kind)

@@ -31,7 +31,8 @@ def _row(r: Record, wall_column: bool, peak_columns: bool) -> list[str]:
     if r["status"] != "ok":
         return head + [f"{r['status']}: {r['reason']}"]  # the reason instead of a time
     q = r["quantiles_s"]
-    row = head + [fmt.seconds(r["median_s"]), f"{fmt.seconds(q['p10'])} – {fmt.seconds(q['p90'])}"]
+    row = head + [fmt.seconds(r["median_s"]), f"{fmt.seconds(q['p10'])} – {fmt.seconds(q['p90'])}",
+                  fmt.DASH if r.get("launches") is None else f"{r['launches']:g}"]
     if wall_column:
         row.append(fmt.seconds(r["times"]["wall"]["median_s"]))
     row += [fmt.times(r["speedup_vs_eager"]), fmt.percent(r["frac_dense"]),
@@ -68,7 +69,9 @@ def section(records: Sequence[Record]) -> str:
     """Heading and table of records measured on one device in one dtype."""
     wall_column = any(r["clock"] not in (None, "wall") for r in records)
     peak_columns = any(r["frac_peak_bw"] is not None for r in records)
-    headers = ["op", "workload", "mode", "provider", "median", "p10 – p90"]
+    kinds = {r["launch_kind"] for r in records if r.get("launch_kind")}
+    headers = ["op", "workload", "mode", "provider", "median", "p10 – p90",
+               "ops / call" if kinds == {"operator calls"} else "launches / call"]
     headers += ["wall median"] * wall_column
     headers += ["vs eager", "of dense", "TFLOP/s", "GB/s"]
     headers += ["% peak FLOP/s", "% peak BW"] * peak_columns
@@ -86,5 +89,7 @@ def markdown(records: Sequence[Record]) -> str:
     if not sections:
         return "(no results)"
     legend = ("vs eager = eager median / median; of dense = dense median / median "
-              "(share of the unmasked matmul's throughput); TFLOP/s and GB/s from the median.")
+              "(share of the unmasked matmul's throughput); TFLOP/s and GB/s from the median; "
+              "launches / call = kernel launches of one call on a GPU, ops / call = PyTorch operator "
+              "calls of one call on a CPU (mtlfast.profile.count_launches).")
     return "\n\n".join([*(section(s) for s in sections.values()), legend])

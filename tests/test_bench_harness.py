@@ -86,6 +86,16 @@ def test_measured_records_are_sane(run: dict, mode: str) -> None:
         assert r["gbps"] == pytest.approx(r["bytes"] / r["median_s"] / 1e9, rel=1e-12)
     assert eager["speedup_vs_eager"] == 1.0 and dense["frac_dense"] == 1.0
     assert _by(recs, mode, "reference")["rel_err"] < 1e-2
+    # launches per call: eager is weight * mask, then F.linear (one more operator than dense);
+    # backward adds work. On a GPU each of these is at least one kernel.
+    kind = "kernel launches" if eager["device"] == "cuda" else "operator calls"
+    assert {eager["launch_kind"], dense["launch_kind"]} == {kind}
+    if kind == "operator calls" and mode == "fwd":
+        assert (eager["launches"], dense["launches"]) == (2, 1)
+    assert eager["launches"] >= 2 and dense["launches"] >= 1
+    if mode == "fwd+bwd":
+        fwd_eager = _by([r for r in run["records"] if r["mode"] == "fwd"], "fwd", "eager")
+        assert eager["launches"] > fwd_eager["launches"]
     m, k, n = TINY["tokens"], TINY["in_features"], TINY["out_features"]
     e = torch.finfo(getattr(torch, eager["dtype"])).bits // 8
     fwd_bytes = (m * k + n * k + n + m * n) * e + n * k  # x, weight, bias, y; bool mask
@@ -256,6 +266,9 @@ def test_masked_lstm_records(lstm_run: list[dict], mode: str) -> None:
         # 2 tasks x 3 x 4 tokens; per token 8H(I+H) per direction: layer 0 (6 -> 5), layer 1 (10 -> 5)
         assert r["flops"] == 2 * 12 * (8 * 5 * (6 + 5) * 2 + 8 * 5 * (10 + 5) * 2) * (1 if mode == "fwd" else 3)
     assert oracle["speedup_vs_eager"] == 1.0
+    # the per-step loop runs operators per task, layer, direction and step (4 steps here: 507
+    # forward); mtlfast's count does not grow with steps or tasks (118 forward)
+    assert oracle["launches"] > 3 * _by(recs, mode, "cpu")["launches"] > 0
     triton = _by(recs, mode, "triton")
     if triton["device"] == "cpu":
         assert triton["status"] == "skipped" and triton["reason"] and triton["median_s"] is None
