@@ -262,3 +262,21 @@ def test_native_cell_activations(dtype, hidden):
     torch.testing.assert_close(c_n[0], c, rtol=8 * eps, atol=8 * eps, equal_nan=True)
     torch.testing.assert_close(h_n[0], expected[:, 3] * c.tanh(), rtol=8 * eps, atol=8 * eps, equal_nan=True)
     assert c_n[0, 0, 0] == 1 + 0 * c0[0, 0, 0] and h_n[0, 1, 0] == 0
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bias_gradients_accumulate_once(backend, compiled):
+    """b_ih and b_hh get equal gradients in separate tensors: two backward passes without
+    zeroing give exactly twice one pass (a shared .grad tensor would give four times)."""
+    model = make_model(1, True)
+    x = torch.randn(T, B, I, device=DEVICE)
+    run = torch.compile(model, fullgraph=True) if compiled else model
+    with mtlfast.use_backend(backend):
+        run(x, task=1)[0].sum().backward()
+        once = {name: p.grad.clone() for name, p in model.named_parameters()}
+        run(x, task=1)[0].sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, 2 * once[name], msg=lambda m: f"{name}: {m}")
+    assert model.bias_ih_l0.grad.data_ptr() != model.bias_hh_l0.grad.data_ptr()
+    torch.testing.assert_close(once["bias_ih_l0"], once["bias_hh_l0"])

@@ -154,6 +154,15 @@ def _layer_backward(backend, need, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, weight
     return (dx, dh0.to(h0.dtype) if need[1] else None, dc0.to(c0.dtype) if need[2] else None, dw_ih, dw_hh, db)
 
 
+def _two_bias_grads(db: Optional[torch.Tensor], need_ih: bool, need_hh: bool):
+    """b_ih and b_hh get the same gradient, but never the same tensor: autograd may keep a
+    returned gradient as ``.grad`` itself, and two parameters sharing one ``.grad`` would each
+    add every later accumulation twice."""
+    if db is None:
+        return None, None
+    return (db if need_ih else None), (db.clone() if need_ih and need_hh else db if need_hh else None)
+
+
 class _MaskedLSTMLayer(torch.autograd.Function):
     """The eager path (a custom op costs ~60 µs more host time per call; see masked_linear)."""
 
@@ -176,8 +185,8 @@ class _MaskedLSTMLayer(torch.autograd.Function):
         dx, dh0, dc0, dw_ih, dw_hh, db = _layer_backward(
             ctx.backend, (n[1], n[2], n[3], n[4], n[5], n[6] or n[7]), dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh,
             weight_index, mask_index, lengths, reverse, h_prev, gates, cells, ctx.ih, ctx.hh, ctx.has_bias)
-        return (None, dx, dh0, dc0, dw_ih, dw_hh, db if n[6] else None, db if n[7] else None,
-                None, None, None, None, None, None)
+        db_ih, db_hh = _two_bias_grads(db, n[6], n[7])
+        return (None, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,8 +252,8 @@ def _layer_autograd(ctx, dy, dh_n, dc_n, *unused):
     dx, dh0, dc0, dw_ih, dw_hh, db = torch.ops.mtlfast.masked_lstm_layer_backward(
         dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse,
         h_prev, gates, cells, ctx.has_bias, ctx.backend)
-    db = db if ctx.has_bias else None
-    return (dx, dh0, dc0, dw_ih, dw_hh, db, db, None, None, None, None, None, None, None)
+    db_ih, db_hh = _two_bias_grads(db if ctx.has_bias else None, ctx.needs_input_grad[5], ctx.needs_input_grad[6])
+    return (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None, None, None, None)
 
 
 _layer_op.register_autograd(_layer_autograd, setup_context=_layer_setup_context)
