@@ -1,0 +1,1 @@
+"""The papers' synthetic experiments, reproduced with mtlfast's layers (``python -m examples.NAME``)."""
