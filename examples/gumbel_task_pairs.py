@@ -100,20 +100,19 @@ depends on how fast the router commits. The script reports it as found and was n
 
 Run time: 211 s with OMP_NUM_THREADS=2 on two shared AMD EPYC cores under a load of ~4 (~125 s
 on one thread, load ~2.5). ``train`` runs with one intra-op thread (see
-``_one_intra_op_thread``): the ops are tiny, and under load two threads made a 64 x 128 -> 16
+``one_intra_op_thread``): the ops are tiny, and under load two threads made a 64 x 128 -> 16
 Linear 300x slower. tests/test_example_gumbel_task_pairs.py runs a reduced version.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 import mtlfast.nn as mnn
-from examples._common import main, seed_everything
+from examples._common import main, one_intra_op_thread, seed_everything
 
 NAME = "gumbel_task_pairs"
 STEPS = 3000                    # the full run's default (--steps)
@@ -170,24 +169,11 @@ def fixed_allocation(pattern: str, num_tasks: int = 4) -> torch.Tensor:
     raise ValueError(f"unknown pattern {pattern!r}")
 
 
-@contextlib.contextmanager
-def _one_intra_op_thread() -> Iterator[None]:
-    """The model is tiny (a 64 x 128 x 16 matmul is its largest op): a second intra-op thread only
-    adds a barrier per op, which on a busy machine costs a scheduling quantum (a 64 x 128 -> 16
-    Linear measured 3.3 ms with two threads under load against 11 µs with one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def train(weights: torch.Tensor, steps: int, seed: int, device: torch.device,
           fixed: Optional[torch.Tensor] = None, eval_points: int = 0,
           skip_unused: bool = True) -> Dict[str, Any]:
     """:func:`_train` with one intra-op thread."""
-    with _one_intra_op_thread():
+    with one_intra_op_thread():
         return _train(weights, steps, seed, device, fixed, eval_points, skip_unused)
 
 
@@ -276,7 +262,7 @@ def _train(weights: torch.Tensor, steps: int, seed: int, device: torch.device,
 def label_correlation(rho: float, seed: int, features: int = FEATURES, n: int = 100_000) -> float:
     """corr(y1, y2) of the two tasks of a ρ pair on the same x (ε included): how related the
     labels are, which the sines make far less than ρ."""
-    with _one_intra_op_thread():
+    with one_intra_op_thread():
         g = torch.Generator().manual_seed(seed)
         w = task_vectors(rho, g, features)
         x = torch.randn(n, features, generator=g)

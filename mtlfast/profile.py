@@ -31,7 +31,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple, Optional
@@ -39,6 +39,7 @@ from typing import Any, NamedTuple, Optional
 import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile as torch_profile
+from torch.utils._pytree import tree_leaves
 
 _WHERE = "mtlfast.profile"
 _KERNELS = "kernel launches"
@@ -49,14 +50,8 @@ _OPERATORS = "operator calls"
 # Arguments
 
 def _tensors(value: Any) -> list[torch.Tensor]:
-    """Every tensor in ``value`` (nested tuples, lists and dict values), in order."""
-    if isinstance(value, torch.Tensor):
-        return [value]
-    if isinstance(value, Mapping):
-        return [t for v in value.values() for t in _tensors(v)]
-    if isinstance(value, (tuple, list)):
-        return [t for v in value for t in _tensors(v)]
-    return []
+    """Every tensor in ``value`` (nested tuples, lists and dicts), in order."""
+    return [t for t in tree_leaves(value) if isinstance(t, torch.Tensor)]
 
 
 def _device_of(inputs: Sequence[Any]) -> torch.device:

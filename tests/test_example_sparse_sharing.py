@@ -23,6 +23,8 @@ import pytest
 import torch
 
 from examples import sparse_sharing_negative_transfer as E
+from examples._common import one_intra_op_thread
+from tests.conftest import DEVICE
 
 SEEDS = (0, 1, 2)
 STEPS = 300
@@ -37,13 +39,8 @@ RESIDUAL = 0.05          # mean single - sparse (0.032 here); the paper's claim 
 
 @pytest.fixture(scope="module")
 def results():
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny LSTM steps: threads only add synchronisation (and stall on a busy machine)
-    try:
-        return {seed: E.run(steps=STEPS, seed=seed, device=device, config=SMALL) for seed in SEEDS}
-    finally:
-        torch.set_num_threads(threads)
+    with one_intra_op_thread():   # tiny LSTM steps: threads only add synchronisation
+        return {seed: E.run(steps=STEPS, seed=seed, device=DEVICE, config=SMALL) for seed in SEEDS}
 
 
 def acc(f, setting):
