@@ -11,9 +11,10 @@ NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.t
 
 setup: $(STAMP)
 
-$(STAMP): requirements-dev.txt $(NATIVE_SOURCES)
+$(STAMP): requirements-dev.txt requirements-thirdparty.txt $(NATIVE_SOURCES)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-thirdparty.txt
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-build-isolation --no-deps -e .
 	touch $@
 

@@ -1,13 +1,17 @@
-// The pybind11 module mtlfast._C: launchers take raw pointers (tensor.data_ptr()), element strides
-// and the CUDA stream as integers, so nothing here depends on PyTorch headers (DESIGN.md).
+// The pybind11 module mtlfast._C. Buffers arrive as DLPack capsules (torch._C._to_dlpack(t)),
+// so nothing here depends on PyTorch headers (DESIGN.md), and every size, stride, dtype, device
+// and index value is checked (buffers.h) before a kernel sees a pointer: the module is public,
+// and no call from Python may crash the process or touch memory its caller does not own.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
-#include <type_traits>
+#include <limits>
 #include <string>
 #include <vector>
 
+#include "buffers.h"
 #include "cpu/lstm_recurrence.h"
 #include "cpu/gumbel.h"
 #include "cpu/mixing.h"
@@ -73,210 +77,524 @@ int cuda_device_count() {
 int cuda_device_count() { return 0; }
 #endif
 
-// Pointers cross the binding as integers (tensor.data_ptr()); 0 is null.
-template <typename T>
-T* ptr(std::uintptr_t p) { return reinterpret_cast<T*>(p); }
+namespace buffers = mtlfast::buffers;
+namespace cpu = mtlfast::cpu;
+#ifdef MTLFAST_WITH_CUDA
+namespace cuda = mtlfast::cuda;
+#endif
+using buffers::Buffer;
+using buffers::Call;
+using buffers::kBool;
+using buffers::kFloat32;
+using buffers::kFloat64;
+using buffers::kInt64;
 
-}  // namespace
+// A buffer of a CPU kernel's element type (float32 or float64) that fixes the call's dtype.
+Buffer cpu_floats(const Call& c, py::handle obj, const char* name) {
+  Buffer b = c.first(obj, name, kDLCPU, "cpu", {kFloat32, kFloat64});
+  c.contiguous(b);
+  return b;
+}
 
-// CPU kernels take dtype 0 = float32 or 3 = float64 (csrc/cuda/dtype.h numbering).
+// After every check: validates `threads`, then runs run(T{}, threads) without the GIL, T the
+// element type of `ref` (a cpu_floats buffer: float32 or float64).
 template <typename F>
-void with_cpu_dtype(int dtype, const char* name, F&& run) {
-  if (dtype == 0) {
-    run(static_cast<float*>(nullptr));
-  } else if (dtype == 3) {
-    run(static_cast<double*>(nullptr));
+void run_cpu(const Call& c, const Buffer& ref, int64_t threads, F&& run) {
+  const int team = c.threads(threads);
+  py::gil_scoped_release nogil;
+  if (buffers::same(ref.dtype, kFloat32)) {
+    run(float{}, team);
   } else {
-    throw py::value_error(std::string("mtlfast._C.") + name + ": dtype must be 0 (float32) or 3 (float64), got " +
-                          std::to_string(dtype));
+    run(double{}, team);
   }
 }
 
-void lstm_forward(int dtype, int64_t G, int64_t T_, int64_t B, int64_t H, std::uintptr_t xproj, std::uintptr_t w,
-                  std::uintptr_t h0, std::uintptr_t c0, std::uintptr_t lengths, std::uintptr_t reverse,
-                  std::uintptr_t hs, std::uintptr_t gates, std::uintptr_t cells, std::uintptr_t h_prev,
-                  std::uintptr_t h_n, std::uintptr_t c_n, int threads) {
-  with_cpu_dtype(dtype, "lstm_forward", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    mtlfast::cpu::lstm_forward<T>(G, T_, B, H, ptr<const T>(xproj), ptr<const T>(w), ptr<const T>(h0), ptr<const T>(c0),
-                                  ptr<const int64_t>(lengths), ptr<const bool>(reverse), ptr<T>(hs), ptr<T>(gates),
-                                  ptr<T>(cells), ptr<T>(h_prev), ptr<T>(h_n), ptr<T>(c_n), threads);
+// What lstm_forward and lstm_backward share: the sizes, from a (G, T, B, 4H) buffer (xproj or
+// gates), and w, c0, lengths (in [0, T]) and reverse checked against them.
+struct Recurrence {
+  Buffer gates;  // the (G, T, B, 4H) buffer
+  int64_t G, T, B, H;
+  Buffer w, c0, lengths, reverse;
+};
+
+Recurrence recurrence(const Call& c, py::handle gates_, const char* gates_name, py::handle w_, py::handle c0_,
+                      py::handle lengths_, py::handle reverse_) {
+  Recurrence r;
+  r.gates = cpu_floats(c, gates_, gates_name);
+  const std::array<int64_t, 4> sizes = c.sizes<4>(r.gates, "(G, T, B, 4H)");
+  if (sizes[3] % 4 != 0) {
+    c.value_error(gates_name, "must have shape (G, T, B, 4H): its last size must be a multiple of 4, got " +
+                                  buffers::sizes_text(r.gates.shape));
+  }
+  r.G = sizes[0], r.T = sizes[1], r.B = sizes[2], r.H = sizes[3] / 4;
+  r.w = c.like(w_, "w", r.gates, "(G, 4H, H)", {r.G, 4 * r.H, r.H});
+  r.c0 = c.like(c0_, "c0", r.gates, "(G, B, H)", {r.G, r.B, r.H});
+  r.lengths = c.typed(lengths_, "lengths", kInt64, r.gates, "(G, B)", {r.G, r.B});
+  r.reverse = c.typed(reverse_, "reverse", kBool, r.gates, "(G,)", {r.G});
+  c.values_in(r.lengths, "[0, T]", 0, r.T);
+  return r;
+}
+
+void lstm_forward(py::handle xproj_, py::handle w_, py::handle h0_, py::handle c0_, py::handle lengths_,
+                  py::handle reverse_, py::handle hs_, py::handle gates_, py::handle cells_, py::handle h_prev_,
+                  py::handle h_n_, py::handle c_n_, int64_t threads) {
+  const Call c("lstm_forward");
+  const Recurrence r = recurrence(c, xproj_, "xproj", w_, c0_, lengths_, reverse_);
+  const Buffer& xproj = r.gates;
+  const int64_t G = r.G, T = r.T, B = r.B, H = r.H;
+  const Buffer h0 = c.like(h0_, "h0", xproj, "(G, B, H)", {G, B, H});
+  const Buffer hs = c.like(hs_, "hs", xproj, "(G, T, B, H)", {G, T, B, H});
+  // what backward needs: all three or none (inference)
+  const bool save = !gates_.is_none();
+  for (const auto& [obj, name] : {std::pair<py::handle, const char*>{cells_, "cells"}, {h_prev_, "h_prev"}}) {
+    if (!save && !obj.is_none()) c.value_error(name, "must be None when 'gates' is None (inference saves nothing)");
+  }
+  const Buffer gates = c.like(gates_, "gates", xproj, "(G, T, B, 4H)", {G, T, B, 4 * H}, !save);
+  const Buffer cells = c.like(cells_, "cells", xproj, "(G, T, B, H)", {G, T, B, H}, !save);
+  const Buffer h_prev = c.like(h_prev_, "h_prev", xproj, "(G, T, B, H)", {G, T, B, H}, !save);
+  const Buffer h_n = c.like(h_n_, "h_n", xproj, "(G, B, H)", {G, B, H});
+  const Buffer c_n = c.like(c_n_, "c_n", xproj, "(G, B, H)", {G, B, H});
+  c.disjoint({&hs, &gates, &cells, &h_prev, &h_n, &c_n}, {&xproj, &r.w, &h0, &r.c0, &r.lengths, &r.reverse});
+  run_cpu(c, xproj, threads, [&](auto tag, int team) {
+    using S = decltype(tag);
+    cpu::lstm_forward<S>(G, T, B, H, xproj.as<const S>(), r.w.as<const S>(), h0.as<const S>(), r.c0.as<const S>(),
+                         r.lengths.as<const int64_t>(), r.reverse.as<const uint8_t>(), hs.as<S>(), gates.as<S>(),
+                         cells.as<S>(), h_prev.as<S>(), h_n.as<S>(), c_n.as<S>(), team);
   });
 }
 
-void lstm_backward(int dtype, int64_t G, int64_t T_, int64_t B, int64_t H, std::uintptr_t dhs, std::uintptr_t dh_n,
-                   std::uintptr_t dc_n, std::uintptr_t gates, std::uintptr_t cells, std::uintptr_t c0,
-                   std::uintptr_t w, std::uintptr_t lengths, std::uintptr_t reverse, std::uintptr_t dgates,
-                   std::uintptr_t dh0, std::uintptr_t dc0, int threads) {
-  with_cpu_dtype(dtype, "lstm_backward", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    mtlfast::cpu::lstm_backward<T>(G, T_, B, H, ptr<const T>(dhs), ptr<const T>(dh_n), ptr<const T>(dc_n),
-                                   ptr<const T>(gates), ptr<const T>(cells), ptr<const T>(c0), ptr<const T>(w),
-                                   ptr<const int64_t>(lengths), ptr<const bool>(reverse), ptr<T>(dgates), ptr<T>(dh0),
-                                   ptr<T>(dc0), threads);
+void lstm_backward(py::handle dhs_, py::handle dh_n_, py::handle dc_n_, py::handle gates_, py::handle cells_,
+                   py::handle c0_, py::handle w_, py::handle lengths_, py::handle reverse_, py::handle dgates_,
+                   py::handle dh0_, py::handle dc0_, int64_t threads) {
+  const Call c("lstm_backward");
+  const Recurrence r = recurrence(c, gates_, "gates", w_, c0_, lengths_, reverse_);
+  const Buffer& gates = r.gates;
+  const int64_t G = r.G, T = r.T, B = r.B, H = r.H;
+  const Buffer dhs = c.like(dhs_, "dhs", gates, "(G, T, B, H)", {G, T, B, H});
+  const Buffer dh_n = c.like(dh_n_, "dh_n", gates, "(G, B, H)", {G, B, H});
+  const Buffer dc_n = c.like(dc_n_, "dc_n", gates, "(G, B, H)", {G, B, H});
+  const Buffer cells = c.like(cells_, "cells", gates, "(G, T, B, H)", {G, T, B, H});
+  const Buffer dgates = c.like(dgates_, "dgates", gates, "(G, T, B, 4H)", {G, T, B, 4 * H});
+  const Buffer dh0 = c.like(dh0_, "dh0", gates, "(G, B, H)", {G, B, H});
+  const Buffer dc0 = c.like(dc0_, "dc0", gates, "(G, B, H)", {G, B, H});
+  c.disjoint({&dgates, &dh0, &dc0}, {&dhs, &dh_n, &dc_n, &gates, &cells, &r.c0, &r.w, &r.lengths, &r.reverse});
+  run_cpu(c, gates, threads, [&](auto tag, int team) {
+    using S = decltype(tag);
+    cpu::lstm_backward<S>(G, T, B, H, dhs.as<const S>(), dh_n.as<const S>(), dc_n.as<const S>(), gates.as<const S>(),
+                          cells.as<const S>(), r.c0.as<const S>(), r.w.as<const S>(), r.lengths.as<const int64_t>(),
+                          r.reverse.as<const uint8_t>(), dgates.as<S>(), dh0.as<S>(), dc0.as<S>(), team);
   });
 }
 
-void mask_select(int dtype, int64_t G, int64_t size, std::uintptr_t src, std::uintptr_t index, std::uintptr_t masks,
-                 std::uintptr_t mask_index, std::uintptr_t out, int threads) {
-  with_cpu_dtype(dtype, "mask_select", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    mtlfast::cpu::mask_select<T>(G, size, ptr<const T>(src), ptr<const int64_t>(index), ptr<const bool>(masks),
-                                 ptr<const int64_t>(mask_index), ptr<T>(out), threads);
+void mask_select(py::handle src_, py::handle index_, py::handle masks_, py::handle mask_index_, py::handle out_,
+                 int64_t threads) {
+  const Call c("mask_select");
+  const Buffer out = cpu_floats(c, out_, "out");
+  const std::array<int64_t, 3> sizes = c.sizes<3>(out, "(G, N, K)");
+  const int64_t G = sizes[0], N = sizes[1], K = sizes[2];
+  const Buffer index = c.typed(index_, "index", kInt64, out, "(G,)", {G}, true);
+  const Buffer src = c.like(src_, "src", out, index.present ? "(S, N, K)" : "(G, N, K)",
+                            {index.present ? buffers::kAny : G, N, K});
+  const int64_t S = src.shape[0];
+  const Buffer masks = c.typed(masks_, "masks", kBool, out, "(P, N, K)", {buffers::kAny, N, K}, true);
+  const int64_t P = masks.present ? masks.shape[0] : 0;
+  const Buffer mask_index = c.typed(mask_index_, "mask_index", kInt64, out, "(G,)", {G});
+  c.values_in(index, "[0, S - 1]", 0, S - 1);
+  // without masks the kernel never reads mask_index (a group may be masked in another matrix)
+  if (masks.present) c.values_in(mask_index, "[-1, P - 1]", -1, P - 1);
+  // masking a gradient in place: out may be src itself, never a part of it
+  const bool in_place = !index.present && out.data == src.data;
+  if (in_place) {
+    c.disjoint({&out}, {&index, &masks, &mask_index});
+  } else {
+    c.disjoint({&out}, {&src, &index, &masks, &mask_index});
+  }
+  run_cpu(c, out, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::mask_select<T>(G, N * K, src.as<const T>(), index.as<const int64_t>(), masks.as<const uint8_t>(),
+                        mask_index.as<const int64_t>(), out.as<T>(), team);
   });
 }
 
-void alpha_mix_forward(int dtype, int64_t M, int64_t S, int64_t N, int64_t d, std::uintptr_t h, std::uintptr_t alpha,
-                       std::uintptr_t out, int threads) {
-  with_cpu_dtype(dtype, "alpha_mix_forward", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    mtlfast::cpu::alpha_mix_forward<T>(M, S, N, d, ptr<const T>(h), ptr<const T>(alpha), ptr<T>(out), threads);
+// What the alpha_mix functions share: h (M, N, D = S*d) and alpha (M*S, M*S), S read from
+// alpha's shape.
+struct AlphaMix {
+  Buffer h, alpha;
+  int64_t M, N, D, S;
+};
+
+AlphaMix alpha_mix(const Call& c, py::handle h_, py::handle alpha_) {
+  AlphaMix a;
+  a.h = cpu_floats(c, h_, "h");
+  const std::array<int64_t, 3> sizes = c.sizes<3>(a.h, "(M, N, D)");
+  a.M = sizes[0], a.N = sizes[1], a.D = sizes[2];
+  a.alpha = c.read(alpha_, "alpha");
+  const int64_t C = c.sizes<2>(a.alpha, "(M*S, M*S)")[0];
+  a.S = a.M > 0 ? C / a.M : 1;
+  if (a.S < 1 || a.S * a.M != C) {
+    c.value_error("alpha", "must have shape (M*S, M*S) for some S >= 1 with M = " + std::to_string(a.M) + ", got " +
+                               buffers::sizes_text(a.alpha.shape));
+  }
+  if (a.D % a.S != 0) {
+    c.value_error("h", "must have a last size D = S*d divisible by S = " + std::to_string(a.S) + ", got " +
+                           buffers::sizes_text(a.h.shape));
+  }
+  c.matches(a.alpha, a.h, "(M*S, M*S)", {C, C});
+  return a;
+}
+
+void alpha_mix_forward(py::handle h_, py::handle alpha_, py::handle out_, int64_t threads) {
+  const Call c("alpha_mix_forward");
+  const AlphaMix a = alpha_mix(c, h_, alpha_);
+  const Buffer out = c.like(out_, "out", a.h, "(M, N, D)", {a.M, a.N, a.D});
+  c.disjoint({&out}, {&a.h, &a.alpha});
+  run_cpu(c, a.h, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::alpha_mix_forward<T>(a.M, a.S, a.N, a.D / a.S, a.h.as<const T>(), a.alpha.as<const T>(), out.as<T>(), team);
   });
 }
 
-void alpha_mix_backward(int dtype, int64_t M, int64_t S, int64_t N, int64_t d, std::uintptr_t dout, std::uintptr_t h,
-                        std::uintptr_t alpha, std::uintptr_t dh, std::uintptr_t dalpha, int threads) {
-  with_cpu_dtype(dtype, "alpha_mix_backward", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    mtlfast::cpu::alpha_mix_backward<T>(M, S, N, d, ptr<const T>(dout), ptr<const T>(h), ptr<const T>(alpha),
-                                        ptr<T>(dh), ptr<T>(dalpha), threads);
+void alpha_mix_backward(py::handle dout_, py::handle h_, py::handle alpha_, py::handle dh_, py::handle dalpha_,
+                        int64_t threads) {
+  const Call c("alpha_mix_backward");
+  const AlphaMix a = alpha_mix(c, h_, alpha_);
+  const Buffer dout = c.like(dout_, "dout", a.h, "(M, N, D)", {a.M, a.N, a.D});
+  const Buffer dh = c.like(dh_, "dh", a.h, "(M, N, D)", {a.M, a.N, a.D});
+  const Buffer dalpha = c.like(dalpha_, "dalpha", a.h, "(M*S, M*S)", a.alpha.shape);
+  c.disjoint({&dh, &dalpha}, {&dout, &a.h, &a.alpha});
+  run_cpu(c, a.h, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::alpha_mix_backward<T>(a.M, a.S, a.N, a.D / a.S, dout.as<const T>(), a.h.as<const T>(), a.alpha.as<const T>(),
+                               dh.as<T>(), dalpha.as<T>(), team);
   });
 }
 
-void layer_mix_forward(int dtype, int64_t K, int64_t M, int64_t N, int64_t D, std::uintptr_t layers,
-                       std::uintptr_t beta, std::uintptr_t out, int threads) {
-  with_cpu_dtype(dtype, "layer_mix_forward", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    mtlfast::cpu::layer_mix_forward<T>(K, M, N, D, ptr<const T>(layers), ptr<const T>(beta), ptr<T>(out), threads);
+// What the layer_mix functions share: layers (K, M, N, D) and beta (M, K).
+struct LayerMix {
+  Buffer layers, beta;
+  int64_t K, M, N, D;
+};
+
+LayerMix layer_mix(const Call& c, py::handle layers_, py::handle beta_) {
+  LayerMix l;
+  l.layers = cpu_floats(c, layers_, "layers");
+  const std::array<int64_t, 4> sizes = c.sizes<4>(l.layers, "(K, M, N, D)");
+  l.K = sizes[0], l.M = sizes[1], l.N = sizes[2], l.D = sizes[3];
+  l.beta = c.like(beta_, "beta", l.layers, "(M, K)", {l.M, l.K});
+  return l;
+}
+
+void layer_mix_forward(py::handle layers_, py::handle beta_, py::handle out_, int64_t threads) {
+  const Call c("layer_mix_forward");
+  const LayerMix l = layer_mix(c, layers_, beta_);
+  const Buffer out = c.like(out_, "out", l.layers, "(M, N, D)", {l.M, l.N, l.D});
+  c.disjoint({&out}, {&l.layers, &l.beta});
+  run_cpu(c, l.layers, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::layer_mix_forward<T>(l.K, l.M, l.N, l.D, l.layers.as<const T>(), l.beta.as<const T>(), out.as<T>(), team);
   });
 }
 
-void layer_mix_backward(int dtype, int64_t K, int64_t M, int64_t N, int64_t D, std::uintptr_t dout,
-                        std::uintptr_t layers, std::uintptr_t beta, std::uintptr_t dlayers, std::uintptr_t dbeta,
-                        int threads) {
-  with_cpu_dtype(dtype, "layer_mix_backward", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    mtlfast::cpu::layer_mix_backward<T>(K, M, N, D, ptr<const T>(dout), ptr<const T>(layers), ptr<const T>(beta),
-                                        ptr<T>(dlayers), ptr<T>(dbeta), threads);
+void layer_mix_backward(py::handle dout_, py::handle layers_, py::handle beta_, py::handle dlayers_,
+                        py::handle dbeta_, int64_t threads) {
+  const Call c("layer_mix_backward");
+  const LayerMix l = layer_mix(c, layers_, beta_);
+  const Buffer dout = c.like(dout_, "dout", l.layers, "(M, N, D)", {l.M, l.N, l.D});
+  const Buffer dlayers = c.like(dlayers_, "dlayers", l.layers, "(K, M, N, D)", l.layers.shape);
+  const Buffer dbeta = c.like(dbeta_, "dbeta", l.layers, "(M, K)", l.beta.shape);
+  c.disjoint({&dlayers, &dbeta}, {&dout, &l.layers, &l.beta});
+  run_cpu(c, l.layers, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::layer_mix_backward<T>(l.K, l.M, l.N, l.D, dout.as<const T>(), l.layers.as<const T>(), l.beta.as<const T>(),
+                               dlayers.as<T>(), dbeta.as<T>(), team);
   });
 }
 
-void gumbel_sigmoid_forward(int dtype, int64_t N, bool pairs, std::uintptr_t x, float tau, uint64_t seed, bool hard,
-                            std::uintptr_t z, int threads) {
-  with_cpu_dtype(dtype, "gumbel_sigmoid_forward", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    mtlfast::cpu::gumbel_sigmoid_forward<T>(N, pairs, ptr<const T>(x), tau, seed, hard, ptr<T>(z), threads);
+void philox_uniform(uint64_t seed, int64_t offset0, py::handle out_, int64_t threads) {
+  const Call c("philox_uniform");
+  const Buffer out = c.first(out_, "out", kDLCPU, "cpu", {kFloat32});
+  c.contiguous(out);
+  if (offset0 < 0) c.value_error("offset0", "must be >= 0, got " + std::to_string(offset0));
+  const int team = c.threads(threads);
+  py::gil_scoped_release nogil;
+  cpu::philox_uniform(seed, offset0, out.numel, out.as<float>(), team);
+}
+
+// tau in the kernel's type T: in T's normal range, so that neither v / tau nor
+// s * (1 - s) / tau can overflow to inf or underflow tau to 0 (and so neither can give NaN).
+template <typename T>
+void check_tau(const Call& c, double tau) {
+  constexpr double low = std::numeric_limits<T>::min(), high = std::numeric_limits<T>::max();
+  if (!(tau >= low && tau <= high)) {
+    auto text = [](double v) { return py::repr(py::float_(v)).cast<std::string>(); };
+    c.value_error("tau", std::string("must be a positive finite number in the normal range of ") +
+                             (sizeof(T) == 4 ? "float32" : "float64") + " [" + text(low) + ", " + text(high) +
+                             "], got " + text(tau));
+  }
+}
+
+// What the gumbel_sigmoid functions share: the logits x, the sample z (or its gradient) of x's
+// shape or, for complementary pairs, of x's shape without its last size of 2, and tau.
+struct Gumbel {
+  Buffer x, z;
+  bool pairs;
+};
+
+Gumbel gumbel(const Call& c, py::handle x_, py::handle z_, const char* z_name, double tau) {
+  Gumbel g;
+  g.x = cpu_floats(c, x_, "x");
+  g.z = c.read(z_, z_name);
+  c.matches(g.z, g.x, "x.shape or x.shape[:-1]", g.z.shape);  // the shape is checked below
+  std::vector<int64_t> paired(g.z.shape);
+  paired.push_back(2);
+  g.pairs = g.z.shape != g.x.shape;
+  if (g.pairs && paired != g.x.shape) {
+    std::string expected = "must have the shape of 'x' " + buffers::sizes_text(g.x.shape);
+    if (g.x.ndim() > 0 && g.x.shape.back() == 2) {
+      expected += " or, for complementary pairs, " +
+                  buffers::sizes_text(std::vector<int64_t>(g.x.shape.begin(), g.x.shape.end() - 1));
+    }
+    c.value_error(z_name, expected + ", got " + buffers::sizes_text(g.z.shape));
+  }
+  if (buffers::same(g.x.dtype, kFloat32)) {
+    check_tau<float>(c, tau);
+  } else {
+    check_tau<double>(c, tau);
+  }
+  return g;
+}
+
+void gumbel_sigmoid_forward(py::handle x_, double tau, uint64_t seed, bool hard, py::handle z_, int64_t threads) {
+  const Call c("gumbel_sigmoid_forward");
+  const Gumbel g = gumbel(c, x_, z_, "z", tau);
+  c.disjoint({&g.z}, {&g.x});
+  run_cpu(c, g.x, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::gumbel_sigmoid_forward<T>(g.z.numel, g.pairs, g.x.as<const T>(), tau, seed, hard, g.z.as<T>(), team);
   });
 }
 
-void gumbel_sigmoid_backward(int dtype, int64_t N, bool pairs, std::uintptr_t dz, std::uintptr_t x, float tau,
-                             uint64_t seed, std::uintptr_t dx, int threads) {
-  with_cpu_dtype(dtype, "gumbel_sigmoid_backward", [&](auto* tag) {
-    using T = std::remove_pointer_t<decltype(tag)>;
-    mtlfast::cpu::gumbel_sigmoid_backward<T>(N, pairs, ptr<const T>(dz), ptr<const T>(x), tau, seed, ptr<T>(dx),
-                                             threads);
+void gumbel_sigmoid_backward(py::handle dz_, py::handle x_, double tau, uint64_t seed, py::handle dx_,
+                             int64_t threads) {
+  const Call c("gumbel_sigmoid_backward");
+  const Gumbel g = gumbel(c, x_, dz_, "dz", tau);
+  const Buffer dx = c.like(dx_, "dx", g.x, "x.shape", g.x.shape);
+  c.disjoint({&dx}, {&g.z, &g.x});
+  run_cpu(c, g.x, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::gumbel_sigmoid_backward<T>(g.z.numel, g.pairs, g.z.as<const T>(), g.x.as<const T>(), tau, seed, dx.as<T>(),
+                                    team);
   });
 }
+
+#ifdef MTLFAST_WITH_CUDA
+// Makes `device` current for the scope and restores the caller's device after it, as
+// torch.cuda.device does: the launchers work on the current device.
+class DeviceScope {
+ public:
+  DeviceScope(int device, const char* function) {
+    check(cudaGetDevice(&previous_), function);
+    if (previous_ != device) {
+      check(cudaSetDevice(device), function);
+      restore_ = true;
+    }
+  }
+  ~DeviceScope() {
+    if (restore_) cudaSetDevice(previous_);
+  }
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+
+ private:
+  int previous_ = 0;
+  bool restore_ = false;
+};
+
+// The stream to launch on. A CUDA stream handle cannot be validated, so a bare int (what a
+// data_ptr() mix-up passes) is refused: it must come as a torch.cuda.Stream, e.g.
+// torch.cuda.current_stream(device), or another object with an int `cuda_stream` (and, where it
+// has one, a `device_index` that is the tensors' device). That the handle names a live stream
+// is the caller's side of the contract, as it is for torch's own launches.
+cudaStream_t stream_of(const Call& c, py::handle stream, int device) {
+  if (!py::hasattr(stream, "cuda_stream")) {
+    c.type_error("stream", std::string("must be a torch.cuda.Stream (an object with an int attribute "
+                                       "'cuda_stream'), got ") + Py_TYPE(stream.ptr())->tp_name);
+  }
+  const py::object handle = stream.attr("cuda_stream");
+  if (!PyLong_Check(handle.ptr()) || PyBool_Check(handle.ptr())) {
+    c.type_error("stream", std::string("must have an int 'cuda_stream', got ") + Py_TYPE(handle.ptr())->tp_name);
+  }
+  if (py::hasattr(stream, "device_index")) {
+    const py::object index = stream.attr("device_index");
+    if (!PyLong_Check(index.ptr()) || index.cast<int64_t>() != device) {
+      c.value_error("stream", "must be a stream of cuda:" + std::to_string(device) + ", got one of device_index " +
+                                  py::repr(index).cast<std::string>());
+    }
+  }
+  const unsigned long long value = PyLong_AsUnsignedLongLong(handle.ptr());
+  if (PyErr_Occurred() || value > std::numeric_limits<uintptr_t>::max()) {
+    PyErr_Clear();
+    c.value_error("stream", "must have a 'cuda_stream' that is a pointer-sized handle, got " +
+                                py::repr(handle).cast<std::string>());
+  }
+  return reinterpret_cast<cudaStream_t>(static_cast<uintptr_t>(value));
+}
+
+// The first operand fixes the call's dtype and device; the kernels take any element strides of
+// their inputs (checked, with the alignment the vector path needs, in the launcher).
+Buffer cuda_first(const Call& c, py::handle obj, const char* name) {
+  Buffer b = c.first(obj, name, kDLCUDA, "cuda", {kFloat32, buffers::kFloat16, buffers::kBFloat16, kFloat64});
+  if (b.device.device_id < 0) c.value_error(name, "has an invalid CUDA device id " + std::to_string(b.device.device_id));
+  return b;
+}
+
+mtlfast::DType launcher_dtype(const Buffer& b) {
+  if (buffers::same(b.dtype, buffers::kFloat16)) return mtlfast::DType::kFloat16;
+  if (buffers::same(b.dtype, buffers::kBFloat16)) return mtlfast::DType::kBFloat16;
+  if (buffers::same(b.dtype, kFloat64)) return mtlfast::DType::kFloat64;
+  return mtlfast::DType::kFloat32;
+}
+
+// mask_bits (N, ceil(K/32)) int32 words of W's rows: each row's words consecutive, rows at any
+// stride (the launcher's mask_row_stride).
+Buffer mask_words(const Call& c, py::handle obj, const Buffer& ref, int64_t N, int64_t K) {
+  Buffer b = c.typed(obj, "mask_bits", buffers::kInt32, ref, "(N, ceil(K/32))", {N, (K + 31) / 32}, false, false);
+  if (b.shape[1] > 1 && b.strides[1] != 1) {
+    c.value_error(b.name, "must have consecutive words in a row (stride 1 in dim 1), got strides " +
+                              buffers::sizes_text(b.strides));
+  }
+  return b;
+}
+
+// Runs a launcher on the tensors' device and stream, without the GIL, and raises its error.
+template <typename F>
+void launch(const Call& c, const Buffer& ref, py::handle stream, F&& run) {
+  const int device = ref.device.device_id;
+  const cudaStream_t s = stream_of(c, stream, device);
+  DeviceScope scope(device, c.function());
+  cudaError_t err;
+  {
+    py::gil_scoped_release nogil;
+    err = run(s);
+  }
+  check(err, c.function());
+}
+
+void masked_linear_forward(py::handle x_, py::handle w_, py::handle mask_bits_, py::handle bias_, py::handle out_,
+                           py::handle stream) {
+  const Call c("masked_linear_forward");
+  const Buffer x = cuda_first(c, x_, "x");
+  const std::array<int64_t, 2> xs = c.sizes<2>(x, "(M, K)");
+  const int64_t M = xs[0], K = xs[1];
+  const Buffer w = c.like_strided(w_, "w", x, "(N, K)", {buffers::kAny, K});
+  const int64_t N = w.shape[0];
+  const Buffer mask_bits = mask_words(c, mask_bits_, x, N, K);
+  const Buffer bias = c.like(bias_, "bias", x, "(N,)", {N}, true);
+  const Buffer out = c.like(out_, "out", x, "(M, N)", {M, N});
+  c.disjoint({&out}, {&x, &w, &mask_bits, &bias});
+  launch(c, x, stream, [&](cudaStream_t s) {
+    return cuda::masked_linear_forward(launcher_dtype(x), M, N, K, x.data, x.strides[0], x.strides[1], w.data,
+                                       w.strides[0], w.strides[1], mask_bits.as<const int32_t>(),
+                                       mask_bits.strides[0], bias.as<const void>(), out.data, out.strides[0],
+                                       out.strides[1], s);
+  });
+}
+
+void masked_linear_grad_input(py::handle dy_, py::handle w_, py::handle mask_bits_, py::handle dx_,
+                              py::handle stream) {
+  const Call c("masked_linear_grad_input");
+  const Buffer dy = cuda_first(c, dy_, "dy");
+  const std::array<int64_t, 2> dys = c.sizes<2>(dy, "(M, N)");
+  const int64_t M = dys[0], N = dys[1];
+  const Buffer w = c.like_strided(w_, "w", dy, "(N, K)", {N, buffers::kAny});
+  const int64_t K = w.shape[1];
+  const Buffer mask_bits = mask_words(c, mask_bits_, dy, N, K);
+  const Buffer dx = c.like(dx_, "dx", dy, "(M, K)", {M, K});
+  c.disjoint({&dx}, {&dy, &w, &mask_bits});
+  launch(c, dy, stream, [&](cudaStream_t s) {
+    return cuda::masked_linear_grad_input(launcher_dtype(dy), M, N, K, dy.data, dy.strides[0], dy.strides[1], w.data,
+                                          w.strides[0], w.strides[1], mask_bits.as<const int32_t>(),
+                                          mask_bits.strides[0], dx.data, dx.strides[0], dx.strides[1], s);
+  });
+}
+
+void masked_linear_grad_weight(py::handle dy_, py::handle x_, py::handle mask_bits_, py::handle dw_,
+                               py::handle dbias_, py::handle stream) {
+  const Call c("masked_linear_grad_weight");
+  const Buffer dy = cuda_first(c, dy_, "dy");
+  const std::array<int64_t, 2> dys = c.sizes<2>(dy, "(M, N)");
+  const int64_t M = dys[0], N = dys[1];
+  const Buffer x = c.like_strided(x_, "x", dy, "(M, K)", {M, buffers::kAny});
+  const int64_t K = x.shape[1];
+  const Buffer mask_bits = mask_words(c, mask_bits_, dy, N, K);
+  const Buffer dw = c.like(dw_, "dw", dy, "(N, K)", {N, K});
+  const Buffer dbias = c.like(dbias_, "dbias", dy, "(N,)", {N}, true);
+  c.disjoint({&dw, &dbias}, {&dy, &x, &mask_bits});
+  launch(c, dy, stream, [&](cudaStream_t s) {
+    return cuda::masked_linear_grad_weight(launcher_dtype(dy), M, N, K, dy.data, dy.strides[0], dy.strides[1],
+                                           x.data, x.strides[0], x.strides[1], mask_bits.as<const int32_t>(),
+                                           mask_bits.strides[0], dw.data, dw.strides[0], dw.strides[1],
+                                           dbias.as<void>(), s);
+  });
+}
+#endif
+
+}  // namespace
 
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "mtlfast native kernels (CPU and CUDA), framework-free";
+  m.doc() = "mtlfast native kernels (CPU and CUDA), framework-free; buffers are DLPack capsules "
+            "(torch._C._to_dlpack(t)), each checked before use";
+  m.attr("MAX_THREADS") = buffers::kMaxThreads;
   m.def("build_info", &build_info,
         "dict: version, cpu, cuda (CUDA kernels compiled), cuda_archs, cuda_version");
-  m.def("lstm_forward", &lstm_forward, py::call_guard<py::gil_scoped_release>(),
-        "Every step of G x B LSTM rows on CPU, recurrent matmul and cell fused (csrc/cpu/lstm_recurrence.h); "
-        "pointers as integers");
-  m.def("lstm_backward", &lstm_backward, py::call_guard<py::gil_scoped_release>(),
-        "Backward of lstm_forward (csrc/cpu/lstm_recurrence.h); pointers as integers");
-  m.def("mask_select", &mask_select, py::call_guard<py::gil_scoped_release>(),
-        "out[g] = src[index[g]] where masks[mask_index[g]], else 0 (csrc/cpu/lstm_recurrence.h); pointers as "
-        "integers, 0 = null");
-  m.def("alpha_mix_forward", &alpha_mix_forward, py::call_guard<py::gil_scoped_release>(),
-        "Sluice alpha mixing on CPU (csrc/cpu/mixing.h); pointers as integers");
-  m.def("alpha_mix_backward", &alpha_mix_backward, py::call_guard<py::gil_scoped_release>(),
-        "dh and dalpha of alpha_mix_forward (csrc/cpu/mixing.h); pointers as integers");
-  m.def("layer_mix_forward", &layer_mix_forward, py::call_guard<py::gil_scoped_release>(),
-        "Sluice beta (layer) mixing on CPU (csrc/cpu/mixing.h); pointers as integers");
-  m.def("layer_mix_backward", &layer_mix_backward, py::call_guard<py::gil_scoped_release>(),
-        "dlayers and dbeta of layer_mix_forward (csrc/cpu/mixing.h); pointers as integers");
-  m.def("philox_uniform", [](uint64_t seed, int64_t offset0, int64_t n, std::uintptr_t out, int threads) {
-          mtlfast::cpu::philox_uniform(seed, offset0, n, ptr<float>(out), threads);
-        }, py::call_guard<py::gil_scoped_release>(),
-        "float32 u in (0, 1) of the Philox stream (seed, offset0 + i), as Triton's tl.randint (csrc/cpu/gumbel.h)");
-  m.def("gumbel_sigmoid_forward", &gumbel_sigmoid_forward, py::call_guard<py::gil_scoped_release>(),
-        "Straight-through Gumbel sigmoid (or complementary pairs) on CPU (csrc/cpu/gumbel.h)");
-  m.def("gumbel_sigmoid_backward", &gumbel_sigmoid_backward, py::call_guard<py::gil_scoped_release>(),
+  m.def("lstm_forward", &lstm_forward, py::arg("xproj"), py::arg("w"), py::arg("h0"), py::arg("c0"),
+        py::arg("lengths"), py::arg("reverse"), py::arg("hs"), py::arg("gates"), py::arg("cells"), py::arg("h_prev"),
+        py::arg("h_n"), py::arg("c_n"), py::arg("threads"),
+        "Every step of G x B LSTM rows on CPU, recurrent matmul and cell fused (csrc/cpu/lstm_recurrence.h). "
+        "xproj, gates (G, T, B, 4H); hs, cells, h_prev (G, T, B, H); w (G, 4H, H); h0, c0, h_n, c_n (G, B, H), "
+        "float32 or float64; lengths (G, B) int64 in [0, T]; reverse (G,) bool; gates, cells, h_prev all None "
+        "for inference");
+  m.def("lstm_backward", &lstm_backward, py::arg("dhs"), py::arg("dh_n"), py::arg("dc_n"), py::arg("gates"),
+        py::arg("cells"), py::arg("c0"), py::arg("w"), py::arg("lengths"), py::arg("reverse"), py::arg("dgates"),
+        py::arg("dh0"), py::arg("dc0"), py::arg("threads"),
+        "Backward of lstm_forward (csrc/cpu/lstm_recurrence.h); shapes as there, dgates (G, T, B, 4H)");
+  m.def("mask_select", &mask_select, py::arg("src"), py::arg("index"), py::arg("masks"), py::arg("mask_index"),
+        py::arg("out"), py::arg("threads"),
+        "out (G, N, K)[g] = src[index[g]] (src[g] when index is None) where masks[mask_index[g]], else 0; "
+        "mask_index (G,) in [-1, P), -1 or masks None: unmasked; out may be src itself when index is None "
+        "(csrc/cpu/lstm_recurrence.h)");
+  m.def("alpha_mix_forward", &alpha_mix_forward, py::arg("h"), py::arg("alpha"), py::arg("out"), py::arg("threads"),
+        "Sluice alpha mixing on CPU: h, out (M, N, S*d), alpha (M*S, M*S) (csrc/cpu/mixing.h)");
+  m.def("alpha_mix_backward", &alpha_mix_backward, py::arg("dout"), py::arg("h"), py::arg("alpha"), py::arg("dh"),
+        py::arg("dalpha"), py::arg("threads"), "dh and dalpha of alpha_mix_forward (csrc/cpu/mixing.h)");
+  m.def("layer_mix_forward", &layer_mix_forward, py::arg("layers"), py::arg("beta"), py::arg("out"),
+        py::arg("threads"),
+        "Sluice beta (layer) mixing on CPU: layers (K, M, N, D), beta (M, K), out (M, N, D) (csrc/cpu/mixing.h)");
+  m.def("layer_mix_backward", &layer_mix_backward, py::arg("dout"), py::arg("layers"), py::arg("beta"),
+        py::arg("dlayers"), py::arg("dbeta"), py::arg("threads"),
+        "dlayers and dbeta of layer_mix_forward (csrc/cpu/mixing.h)");
+  m.def("philox_uniform", &philox_uniform, py::arg("seed"), py::arg("offset0"), py::arg("out"), py::arg("threads"),
+        "out (float32, any shape, flat order) = u in (0, 1) of the Philox stream (seed, offset0 + i), as Triton's "
+        "tl.randint (csrc/cpu/gumbel.h)");
+  m.def("gumbel_sigmoid_forward", &gumbel_sigmoid_forward, py::arg("x"), py::arg("tau"), py::arg("seed"),
+        py::arg("hard"), py::arg("z"), py::arg("threads"),
+        "Straight-through Gumbel sigmoid on CPU (csrc/cpu/gumbel.h): z of x's shape, or of x.shape[:-1] for "
+        "complementary pairs (x's last size 2); tau in the normal range of x's dtype");
+  m.def("gumbel_sigmoid_backward", &gumbel_sigmoid_backward, py::arg("dz"), py::arg("x"), py::arg("tau"),
+        py::arg("seed"), py::arg("dx"), py::arg("threads"),
         "Its backward, noise recomputed from the seed (csrc/cpu/gumbel.h)");
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to mtlfast._C (0 without a driver)");
 #ifdef MTLFAST_WITH_CUDA
-  // Same arguments, same order as csrc/cuda/masked_linear.h; pointers and the stream as integers
-  // (0 = null), dtype as the DType code.
-  auto to_dtype = [](int code) {
-    if (code < 0 || code > static_cast<int>(mtlfast::DType::kFloat64)) {
-      throw py::value_error("mtlfast._C: dtype code must be 0 (float32), 1 (float16), 2 (bfloat16) or "
-                            "3 (float64), got " + std::to_string(code));
-    }
-    return static_cast<mtlfast::DType>(code);
-  };
-  m.def(
-      "masked_linear_forward",
-      [to_dtype](int dtype, int64_t M, int64_t N, int64_t K, std::uintptr_t x, int64_t sxm, int64_t sxk,
-                 std::uintptr_t w, int64_t swn, int64_t swk, std::uintptr_t mask_bits, int64_t mask_row_stride,
-                 std::uintptr_t bias, std::uintptr_t out, int64_t som, int64_t son, std::uintptr_t stream) {
-        const mtlfast::DType dt = to_dtype(dtype);
-        cudaError_t err;
-        {
-          py::gil_scoped_release nogil;
-          err = mtlfast::cuda::masked_linear_forward(
-              dt, M, N, K, ptr<const void>(x), sxm, sxk, ptr<const void>(w), swn, swk,
-              ptr<const int32_t>(mask_bits), mask_row_stride, ptr<const void>(bias), ptr<void>(out), som, son,
-              ptr<CUstream_st>(stream));
-        }
-        check(err, "masked_linear_forward");
-      },
-      py::arg("dtype"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("x"), py::arg("sxm"), py::arg("sxk"),
-      py::arg("w"), py::arg("swn"), py::arg("swk"), py::arg("mask_bits"), py::arg("mask_row_stride"),
-      py::arg("bias"), py::arg("out"), py::arg("som"), py::arg("son"), py::arg("stream"),
-      "out (M, N) = x (M, K) @ (w (N, K) * mask)^T + bias; mask_bits (N, ceil(K/32)) int32 words, "
-      "element strides, pointers and stream as integers (0 = null bias / default stream)");
-  m.def(
-      "masked_linear_grad_input",
-      [to_dtype](int dtype, int64_t M, int64_t N, int64_t K, std::uintptr_t dy, int64_t sdm, int64_t sdn,
-                 std::uintptr_t w, int64_t swn, int64_t swk, std::uintptr_t mask_bits, int64_t mask_row_stride,
-                 std::uintptr_t dx, int64_t sxm, int64_t sxk, std::uintptr_t stream) {
-        const mtlfast::DType dt = to_dtype(dtype);
-        cudaError_t err;
-        {
-          py::gil_scoped_release nogil;
-          err = mtlfast::cuda::masked_linear_grad_input(
-              dt, M, N, K, ptr<const void>(dy), sdm, sdn, ptr<const void>(w), swn, swk,
-              ptr<const int32_t>(mask_bits), mask_row_stride, ptr<void>(dx), sxm, sxk, ptr<CUstream_st>(stream));
-        }
-        check(err, "masked_linear_grad_input");
-      },
-      py::arg("dtype"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dy"), py::arg("sdm"), py::arg("sdn"),
-      py::arg("w"), py::arg("swn"), py::arg("swk"), py::arg("mask_bits"), py::arg("mask_row_stride"),
-      py::arg("dx"), py::arg("sxm"), py::arg("sxk"), py::arg("stream"),
-      "dx (M, K) = dy (M, N) @ (w (N, K) * mask); element strides, pointers and stream as integers");
-  m.def(
-      "masked_linear_grad_weight",
-      [to_dtype](int dtype, int64_t M, int64_t N, int64_t K, std::uintptr_t dy, int64_t sdm, int64_t sdn,
-                 std::uintptr_t x, int64_t sxm, int64_t sxk, std::uintptr_t mask_bits, int64_t mask_row_stride,
-                 std::uintptr_t dw, int64_t swn, int64_t swk, std::uintptr_t dbias, std::uintptr_t stream) {
-        const mtlfast::DType dt = to_dtype(dtype);
-        cudaError_t err;
-        {
-          py::gil_scoped_release nogil;
-          err = mtlfast::cuda::masked_linear_grad_weight(
-              dt, M, N, K, ptr<const void>(dy), sdm, sdn, ptr<const void>(x), sxm, sxk,
-              ptr<const int32_t>(mask_bits), mask_row_stride, ptr<void>(dw), swn, swk, ptr<void>(dbias),
-              ptr<CUstream_st>(stream));
-        }
-        check(err, "masked_linear_grad_weight");
-      },
-      py::arg("dtype"), py::arg("M"), py::arg("N"), py::arg("K"), py::arg("dy"), py::arg("sdm"), py::arg("sdn"),
-      py::arg("x"), py::arg("sxm"), py::arg("sxk"), py::arg("mask_bits"), py::arg("mask_row_stride"),
-      py::arg("dw"), py::arg("swn"), py::arg("swk"), py::arg("dbias"), py::arg("stream"),
-      "dw (N, K) = mask * (dy (M, N)^T @ x (M, K)), zero where the mask is 0; dbias (N,) = dy.sum(0) "
-      "when dbias != 0; element strides, pointers and stream as integers");
+  m.def("masked_linear_forward", &masked_linear_forward, py::arg("x"), py::arg("w"), py::arg("mask_bits"),
+        py::arg("bias"), py::arg("out"), py::arg("stream"),
+        "out (M, N) = x (M, K) @ (w (N, K) * mask)^T + bias (N,) or None; mask_bits (N, ceil(K/32)) int32 words; "
+        "x, w at any strides, out contiguous, all on one CUDA device; stream a torch.cuda.Stream of that device "
+        "(csrc/cuda/masked_linear.h)");
+  m.def("masked_linear_grad_input", &masked_linear_grad_input, py::arg("dy"), py::arg("w"), py::arg("mask_bits"),
+        py::arg("dx"), py::arg("stream"), "dx (M, K) = dy (M, N) @ (w (N, K) * mask), as masked_linear_forward");
+  m.def("masked_linear_grad_weight", &masked_linear_grad_weight, py::arg("dy"), py::arg("x"), py::arg("mask_bits"),
+        py::arg("dw"), py::arg("dbias"), py::arg("stream"),
+        "dw (N, K) = mask * (dy (M, N)^T @ x (M, K)), zero where the mask is 0; dbias (N,) = dy.sum(0) unless "
+        "None; as masked_linear_forward");
 #endif
 }

@@ -26,14 +26,14 @@ Setup
   every setting, sparse sharing included).
 * Single task: that model, only the main task trained (its mask all True = a dense torch.nn.LSTM).
 * Hard sharing: the same model, every mask all True, both tasks trained on one forward call
-  (``task=None``: every task's subnet, here the same dense network) with the summed loss.
+  (``task="all"``: every task's subnet, here the same dense network) with the summed loss.
 * Sparse sharing: ``mtlfast.pruning.sparse_sharing_masks``: multi-task warm-up (hard sharing, a
   quarter of the step budget), then per task iterative magnitude pruning with rewind to the
   warm-up weights: 5 rounds to a final density of 0.1 (37% of the remaining weights per round,
   global magnitude ranking over the four weight matrices, biases not masked), each round training
   that task alone for a fifth of the step budget from the rewound weights (and its head from the
   warm-up head), scored by dev accuracy; the library keeps the best-scoring round (ties: the
-  sparser). Then both tasks are trained jointly, each on its own subnet, in one ``task=None``
+  sparser). Then both tasks are trained jointly, each on its own subnet, in one ``task="all"``
   forward call with the summed loss, from the warm-up weights.
 * Control (not in the paper): the main task alone on its sparse-sharing subnet, from the same
   warm-up weights and for the same steps. Sparse sharing minus this control is the negative
@@ -60,7 +60,7 @@ Decisions and why
   competition real, and the hard-sharing gap persist at this budget.
 * A fixed training set of 2000 sentences overfit after ~600 steps (single-task accuracy fell from
   0.822 to 0.788, hard sharing less): a confound unrelated to capacity, hence the endless stream.
-* Hard sharing as ``task=None`` with identical all-True masks computes the dense LSTM twice; its
+* Hard sharing as ``task="all"`` with identical all-True masks computes the dense LSTM twice; its
   gradient is that of one shared encoder with two heads and the summed loss (checked: the joint
   gradient equals the sum of the per-task ones), and it runs the same code path as sparse sharing.
 * Tasks are trained in parallel on the summed loss of one batch (the same sentences carry both
@@ -95,7 +95,7 @@ Where the rest goes:
   SparseSharingLSTM does not mask (they are hard-shared by design), shrank this part only from
   0.02-0.03 to 0.016-0.018: the channel is mainly the shared weights.
 
-The layer does what it should here (joint ``task=None`` gradients equal the sum of the per-task
+The layer does what it should here (joint ``task="all"`` gradients equal the sum of the per-task
 ones and are exactly zero outside the masks' union), the setup is budget-limited (every curve still
 rises at 2000 steps), and the claim holds in a weaker form: sparse sharing with IMP masks avoids
 most, not all, of the negative transfer that hard sharing shows here. The test
@@ -210,11 +210,11 @@ class Tagger(nn.Module):
 
     def forward(self, x: torch.Tensor, tasks: Sequence[int]) -> list[torch.Tensor]:
         """Logits (B, L, classes) of each task in ``tasks``: one task runs its subnet; both run
-        in one call (``task=None``: every task's subnet on the same input)."""
+        in one call (``task="all"``: every task's subnet on the same input)."""
         if len(tasks) == 1:
             out, _ = self.lstm(self.embed(x), task=tasks[0])
             return [self.heads[tasks[0]](out)]
-        out, _ = self.lstm(self.embed(x), task=None)               # (tasks, B, L, 2H)
+        out, _ = self.lstm(self.embed(x), task="all")              # (tasks, B, L, 2H)
         return [self.heads[t](out[t]) for t in tasks]
 
 

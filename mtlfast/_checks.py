@@ -9,6 +9,25 @@ import torch
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class ArgumentError(ValueError, RuntimeError):
+    """A bad argument value, shape, dtype or device. A ValueError by mtlfast's convention and a
+    RuntimeError where torch.nn.LSTM raises one for the same mistake, so code written against
+    either (a drop-in module's callers, PyTorch's own tests) catches it."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of the wrong kind: a TypeError by mtlfast's convention, a RuntimeError where
+    torch.nn.LSTM raises one (e.g. an ``hx`` that is not a pair of tensors)."""
+
+
+class DimError(ValueError, IndexError):
+    """A dim out of range: a ValueError by mtlfast's convention, an IndexError as torch raises."""
+
+
+class UnsupportedError(ValueError, NotImplementedError):
+    """A valid torch argument that mtlfast does not implement (e.g. LSTM projections)."""
+
+
 def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 

@@ -77,7 +77,7 @@ def _cuda_kernels_reason() -> Reason:
     return None
 
 
-def _device_reason(backend: str, device: torch.device) -> Reason:
+def device_reason(backend: str, device: torch.device) -> Reason:
     """Why ``backend`` cannot run tensors on ``device`` at all, whatever the op."""
     if backend == "reference":
         return None
@@ -109,8 +109,8 @@ def available_backends() -> dict[str, Reason]:
         if name == "reference":
             out[name] = None
         elif name == "triton":
-            cuda_reason = _device_reason(name, torch.device("cuda")) if has_cuda else "no CUDA device"
-            cpu_reason = _device_reason(name, torch.device("cpu"))
+            cuda_reason = device_reason(name, torch.device("cuda")) if has_cuda else "no CUDA device"
+            cpu_reason = device_reason(name, torch.device("cpu"))
             out[name] = None if (cuda_reason is None or cpu_reason is None) else \
                 f"{cuda_reason}; {cpu_reason}" if cuda_reason != cpu_reason else cuda_reason
         elif name == "cuda":
@@ -184,7 +184,7 @@ class Op:
         return register
 
     def reason(self, backend: str, *args) -> Reason:
-        reason = _device_reason(backend, self.device_of(*args))
+        reason = device_reason(backend, self.device_of(*args))
         if reason:
             return reason
         check = self.checks.get(backend)

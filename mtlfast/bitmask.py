@@ -1,12 +1,11 @@
 """Bit-packed masks: kernels read 1 bit per weight instead of a byte (bool) or a full element
 (a materialised ``weight * mask``), so a mask costs 1/16 of a bf16 weight's memory traffic.
+Packing reads the bool mask once per call (see :func:`pack`).
 
 Layout: a bool mask (R, C) packs along C into int32 words (R, ceil(C/32)); bit j of word w in
 row r holds mask[r, 32*w + j]; the padding bits past C are 0.
 """
 from __future__ import annotations
-
-import weakref
 
 import torch
 
@@ -38,21 +37,18 @@ def unpack_mask(packed: torch.Tensor, columns: int) -> torch.Tensor:
     return bits.flatten(-2)[..., :columns].bool()
 
 
-# Masks change rarely (once per pruning round) but are used on every call: packing them once
-# per version keeps the eager hot path free of the pack kernels. Keyed by the tensor object,
-# invalidated by its version counter (any in-place write) and dropped when the tensor dies.
-_packed_cache: dict[int, tuple[weakref.ref, int, torch.Tensor]] = {}
-
-
-def packed_mask(mask: torch.Tensor) -> torch.Tensor:
-    """``pack_mask(mask)``, cached per mask tensor and version outside of ``torch.compile``."""
-    if torch.compiler.is_compiling() or mask.is_inference():
+def pack(mask: torch.Tensor) -> torch.Tensor:
+    """:func:`pack_mask` for a kernel call: in one Triton launch where Triton runs the mask's device
+    (CUDA, or CPU under the interpreter), else with torch ops (which torch.compile also traces and
+    fuses). Called on every call of an op, never cached (triton_kernels/bitmask.py says why)."""
+    if torch.compiler.is_compiling() or not _triton_runs(mask.device):
         return pack_mask(mask)
-    key = id(mask)
-    hit = _packed_cache.get(key)
-    if hit is not None and hit[0]() is mask and hit[1] == mask._version:
-        return hit[2]
-    packed = pack_mask(mask)
-    _packed_cache[key] = (weakref.ref(mask, lambda _ref, key=key: _packed_cache.pop(key, None)),
-                          mask._version, packed)
-    return packed
+    from mtlfast.triton_kernels.bitmask import pack_mask as pack_kernel
+
+    return pack_kernel(mask)
+
+
+def _triton_runs(device: torch.device) -> bool:
+    from mtlfast import backends
+
+    return backends.device_reason("triton", device) is None

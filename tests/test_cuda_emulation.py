@@ -67,6 +67,15 @@ def test_masked_linear_kernels_vector_path(emulator, which, dtype):
     assert counts["vec_launches"] > 0, "the vectorised load path was never taken"
 
 
+@pytest.mark.parametrize("which,dtype", [(20, "fp32"), (21, "fp16"), (22, "bf16"), (23, "fp64")], ids=lambda v: str(v))
+def test_masked_out_inf_and_nan_weights_never_reach_the_output(emulator, which, dtype):
+    """The mask is a select on the loaded bits (not a product, where 0 * inf is NaN), on the
+    vector and the strided load path alike."""
+    rc, counts = run(emulator, which)
+    assert rc == 0 and counts.get("fails") == 0, counts
+    assert counts["runs"] == 30 and counts["vec_launches"] > 0, counts
+
+
 def test_a_planted_mask_bug_is_caught(tmp_path):
     text = SOURCE.read_text()
     mutated, n = re.subn(r">> \(i & 31\)", ">> ((i + 1) & 31)", text)

@@ -1,6 +1,6 @@
 """examples/sparse_sharing_negative_transfer.py (Sun et al. 2020, sparse sharing against negative
 transfer) at a reduced size: a 24-state HMM, sentences of 12 tokens, a BiLSTM of 24, 300 steps,
-IMP in 3 rounds, no control run; three seeds, each a different random HMM.
+IMP in 3 rounds, no control run; five seeds, each a different random HMM.
 
 What is asserted is what the experiment reproduces: hard sharing with the unrelated position task
 lowers the main task's accuracy against single task, for every seed; sparse sharing (IMP masks
@@ -8,10 +8,25 @@ from mtlfast.pruning) removes most of that loss. The paper's stronger statement,
 sharing loses nothing against single task, is not reproduced here (2-6 points below at this size
 and budget; see the example's docstring): it is an expected failure, kept visible.
 
-At this size (9 seeds checked while writing it): single - hard was 0.10-0.15 for every seed;
-single - sparse 0.014-0.029 where IMP kept the main task's network dense and 0.061-0.064 where it
-pruned it to 0.46 (seed 2 here); the auxiliary subnet was 10-21% of the weights, nested in the
-main task's.
+Measured per seed (main-task test accuracy single / hard / sparse; IMP's main-subnet density):
+
+  seed  single  hard   sparse  single-hard  sparse-hard  single-sparse  recovered  main density
+  0     0.653   0.550  0.639   0.103        0.089        0.014          0.87       1.00
+  1     0.587   0.467  0.570   0.120        0.103        0.017          0.86       1.00
+  2     0.547   0.399  0.483   0.147        0.084        0.064          0.57       0.46
+  3     0.576   0.439  0.552   0.137        0.113        0.024          0.82       1.00
+  4     0.593   0.489  0.566   0.104        0.077        0.027          0.74       1.00
+  (5    not run here: 0.130, 0.108, 0.022, 0.83, 1.00)
+
+identical to the third decimal with the default kernels (AVX-512 Xeon), ATEN_CPU_CAPABILITY=avx2
+or =default (with MKL_ENABLE_INSTRUCTIONS=AVX2 / SSE4_2; seeds 0-5), the reference backend instead
+of the native one (seeds 0-2) and 2 threads instead of 1 (seeds 0-1): these LSTM runs do not amplify summation-order differences. What
+can flip is IMP's choice of the main subnet (dense, or pruned to 0.46), taken on dev accuracies 3-9
+tokens apart (seeds 1, 2, 5); the residual single - sparse is 0.014-0.027 with the dense subnet
+and 0.064 with the pruned one, so the assertions hold whichever IMP picks (RESIDUAL bounds every
+seed, RECOVERED the mean: 0.77 here, ~0.57 if every main subnet were pruned). The auxiliary subnet
+was 10-22% of the weights, nested in the main task's. The fixture runs on one thread (the runs do
+not depend on it, and on a loaded 2-core machine a second thread costs 3-10x).
 """
 from __future__ import annotations
 
@@ -26,15 +41,16 @@ from examples import sparse_sharing_negative_transfer as E
 from examples._common import one_intra_op_thread
 from tests.conftest import DEVICE
 
-SEEDS = (0, 1, 2)
+SEEDS = (0, 1, 2, 3, 4)
 STEPS = 300
 SMALL = replace(E.Config(), states=24, vocab=60, length=12, embedding=16, hidden=24, dev_sentences=200,
                 test_sentences=300, rounds=3, final_density=0.1, curve_points=1, control=False)
 
-MARGIN = 0.05            # single - hard, every seed (measured 0.10-0.15)
-SPARSE_ABOVE_HARD = 0.03  # sparse - hard, every seed (measured 0.04-0.11 over 9 seeds)
+MARGIN = 0.05            # single - hard, every seed (measured 0.103-0.147, seeds 0-5)
+SPARSE_ABOVE_HARD = 0.03  # sparse - hard, every seed (measured 0.077-0.113, seeds 0-5)
 RECOVERED = 0.5          # mean fraction of hard sharing's loss that sparse sharing removes (0.77 here)
-RESIDUAL = 0.05          # mean single - sparse (0.032 here); the paper's claim would be ~0.01
+RESIDUAL = 0.08          # single - sparse, every seed (<= 0.027 dense main subnet, 0.064 pruned); the
+                         # paper's claim would be ~0.01 (the xfail below)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +81,8 @@ def test_sparse_sharing_removes_most_of_the_negative_transfer(results):
     assert all(a >= SPARSE_ABOVE_HARD for a in above.values()), above
     recovered = [f["recovered_fraction"] for f in results.values()]
     assert sum(recovered) / len(recovered) >= RECOVERED, recovered
-    residual = [acc(f, "single") - acc(f, "sparse") for f in results.values()]
-    assert sum(residual) / len(residual) <= RESIDUAL, residual
+    residual = {s: acc(f, "single") - acc(f, "sparse") for s, f in results.items()}
+    assert all(r <= RESIDUAL for r in residual.values()), residual
 
 
 @pytest.mark.xfail(reason="not reproduced at this size and budget: sparse sharing stays 1-6 points below "

@@ -128,6 +128,57 @@ def test_no_nan_or_inf_at_extreme_logits(backend):
         assert torch.equal(MF.gumbel_sigmoid(x, hard=True).detach(), (x > 0).float())
 
 
+F64_BACKENDS = backend_params(DEVICE, ("reference", "cpu"))      # triton computes in float32 (no fp64 tl ops)
+
+
+@pytest.mark.parametrize("backend", F64_BACKENDS)
+def test_float64_pairs_keep_float64_differences(backend):
+    """(1e8+3, 1e8): a difference of 3 only float64 holds (float32 rounds both to 1e8), so z = 1 with
+    frequency sigmoid(3) = 0.953; (1e300, 1e300), soft: 0.5 ± the noise, finite (float32: inf - inf)."""
+    n = 40_000
+    logits = torch.tensor([[1e8 + 3, 1e8]], dtype=torch.float64, device=DEVICE).expand(n, 2).contiguous()
+    with mtlfast.use_backend(backend):
+        freq = float(MF.gumbel_pairs(logits).mean())
+        soft = MF.gumbel_pairs(torch.tensor([[1e300, 1e300]] * 100, dtype=torch.float64, device=DEVICE), hard=False)
+    p = math.exp(3) / (1 + math.exp(3))
+    assert abs(freq - p) < 5 * math.sqrt(p * (1 - p) / n), freq
+    assert torch.isfinite(soft).all() and 0.2 < float(soft.mean()) < 0.8
+
+
+TINY = {torch.float32: torch.finfo(torch.float32).tiny, torch.float64: 1e-50}
+
+
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=str)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_smallest_accepted_tau_gives_finite_samples_and_gradients(backend, dtype):
+    """The smallest tau accepted for the dtype (1e-50 is refused for float32, which would round it to
+    0, and accepted for float64): finite soft samples and gradients, sigmoid and softmax, including
+    logits at exactly 0 where the slope is largest."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton takes float16, bfloat16 and float32")
+    x = torch.cat([torch.zeros(8), torch.randn(64) * 3]).to(device=DEVICE, dtype=dtype).requires_grad_()
+    tau = TINY[dtype]
+    with mtlfast.use_backend(backend):
+        for y in (MF.gumbel_sigmoid(x, tau=tau, hard=False), MF.gumbel_pairs(x.view(-1, 2), tau=tau, hard=False),
+                  MF.gumbel_softmax(x.view(-1, 4), tau=tau), MF.gumbel_softmax(x.view(-1, 4), tau=tau, hard=True)):
+            (grad,) = torch.autograd.grad((y * torch.linspace(0, 1, y.numel(), device=DEVICE,
+                                                              dtype=dtype).view(y.shape)).sum(), x)
+            assert torch.isfinite(y).all() and torch.isfinite(grad).all()
+        with pytest.raises(ValueError, match="'tau'"):
+            MF.gumbel_sigmoid(x, tau=tau / 2 if dtype == torch.float32 else 1e-320)
+
+
+def test_tensor_tau_is_clamped_where_it_is_not_read():
+    """A tau tensor is read on the host only where that costs no sync; under torch.compile (as on a
+    GPU) a zero tau is clamped to the smallest normal number instead of dividing by zero."""
+    x = torch.randn(16, 2, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(lambda x, tau: MF.gumbel_pairs(x, tau=tau, hard=False), fullgraph=True)
+    with mtlfast.use_backend("cpu" if DEVICE.type == "cpu" else "triton"):
+        y = compiled(x, torch.tensor(0.0, device=DEVICE))
+    (grad,) = torch.autograd.grad(y.sum(), x)
+    assert torch.isfinite(y).all() and torch.isfinite(grad).all()
+
+
 def test_noise_is_never_infinite():
     """u never reaches 0 or 1: the largest and smallest Philox words give finite noise."""
     from mtlfast.ops import philox

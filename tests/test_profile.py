@@ -84,7 +84,7 @@ def test_count_launches_of_an_mtlfast_layer():
     length: one native (or per-step Triton) recurrence per layer, not a loop of operators."""
     import mtlfast.nn as mnn
 
-    model = mnn.SparseSharingLSTM(6, 5, 2, bidirectional=True).to(DEVICE)
+    model = mnn.SparseSharingLSTM(6, 5, bidirectional=True, num_tasks=2).to(DEVICE)
     counts = [profile.count_launches(lambda x: model(x, task=0), torch.randn(T, 3, 6, device=DEVICE)).per_call
               for T in (4, 16)]
     if DEVICE.type == "cpu":

@@ -1,6 +1,6 @@
 """mtlfast.pruning: magnitude pruning counts and choice (ties included), the rate schedule,
 rewinding, round selection, mask overlap, bad arguments, and IMP end to end on a fake masked
-model (plus one run on mtlfast.nn.SparseSharingLSTM when it exists)."""
+model (plus one run on mtlfast.nn.SparseSharingLSTM)."""
 from __future__ import annotations
 
 import math
@@ -454,8 +454,6 @@ def test_sparse_sharing_end_to_end():
 
 def test_sparse_sharing_lstm():
     mnn = pytest.importorskip("mtlfast.nn")
-    if not hasattr(mnn, "SparseSharingLSTM"):
-        pytest.skip("mtlfast.nn has no SparseSharingLSTM yet")
     model = mnn.SparseSharingLSTM(input_size=5, hidden_size=4, num_tasks=2, bidirectional=True)
     names = list(model.masked_parameter_names())
     params = dict(model.named_parameters())

@@ -259,8 +259,9 @@ def _softmax_tile(logits_ptr, R, C, seed_lo, seed_hi, INT64: tl.constexpr, BLOCK
 
 @triton.jit
 def _softmax(v, tau):
-    w = v / tau
-    e = tl.exp(w - tl.max(w, axis=1)[:, None])
+    # the row max subtracted before dividing by tau: (v - max) / tau lies in [-inf, 0] for any tau > 0,
+    # where v / tau would overflow to inf for a tiny tau and make the row NaN (inf - inf)
+    e = tl.exp((v - tl.max(v, axis=1)[:, None]) / tau)
     return e / tl.sum(e, axis=1)[:, None]
 
 

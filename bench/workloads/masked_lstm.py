@@ -7,7 +7,7 @@ CoNLL-03 (3 tasks, input 130, hidden 200, bidirectional, 1 layer, batches of 10 
 Arguments of every provider: ``(x, *params, *masks, config)``
 
 - ``x``: ``(tasks, T, B, input)`` in ``fwd+bwd`` (each task its own batch) and ``(T, B, input)``
-  in ``fwd`` (every task's subnet on the same input, ``task=None`` of SparseSharingLSTM).
+  in ``fwd`` (every task's subnet on the same input, ``task="all"`` of SparseSharingLSTM).
   ``make_inputs`` picks the layout from ``requires_grad``, which the harness sets for ``fwd+bwd``.
 - ``params``: the shared LSTM's parameters in torch.nn.LSTM's order (``weight_ih_l0``,
   ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``..._reverse``, next layer ...).
@@ -25,7 +25,7 @@ loop of the cell on ``W ⊙ M``, as the original sparse-sharing code), ``eager-l
 masked weights materialised and ``torch.nn.LSTM`` run on them through ``functional_call``:
 cuDNN on GPU, oneDNN on CPU), ``compile`` (``torch.compile`` of eager-loop) and the mtlfast
 backends (``SparseSharingLSTM`` once on the concatenation of every task's batch with per-sample
-task ids, or with ``task=None`` in ``fwd``).
+task ids, or with ``task="all"`` in ``fwd``).
 """
 from __future__ import annotations
 
@@ -192,7 +192,7 @@ def _model(cfg: Config, device: torch.device, dtype: torch.dtype) -> torch.nn.Mo
 
     key = (cfg, device, dtype)
     if key not in _MODELS:
-        _MODELS[key] = SparseSharingLSTM(cfg.input_size, cfg.hidden_size, cfg.num_tasks, cfg.num_layers,
+        _MODELS[key] = SparseSharingLSTM(cfg.input_size, cfg.hidden_size, cfg.num_layers, num_tasks=cfg.num_tasks,
                                          bidirectional=cfg.bidirectional).to(device=device, dtype=dtype)
     return _MODELS[key]
 
@@ -200,12 +200,12 @@ def _model(cfg: Config, device: torch.device, dtype: torch.dtype) -> torch.nn.Mo
 def sparse_sharing(*args: Any) -> tuple[torch.Tensor, ...]:
     """mtlfast: SparseSharingLSTM once for all tasks (its parameters and masks are the arguments).
 
-    fwd+bwd: the tasks' batches concatenated, per-sample task ids; fwd: ``task=None``."""
+    fwd+bwd: the tasks' batches concatenated, per-sample task ids; fwd: ``task="all"``."""
     x, params, masks, cfg = _unpack(args)
     model = _model(cfg, x.device, x.dtype)
     state = {**params, **masks}
     if x.dim() == 3:
-        out, (h_n, c_n) = torch.func.functional_call(model, state, (x,), {"task": None})
+        out, (h_n, c_n) = torch.func.functional_call(model, state, (x,), {"task": "all"})
         return out, h_n, c_n
     N, T, B, I = x.shape
     task = torch.arange(N, device=x.device).repeat_interleave(B)

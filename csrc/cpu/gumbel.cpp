@@ -41,7 +41,24 @@ inline float logistic(uint64_t seed, uint64_t offset) {
   return std::log(u) - std::log(1.0f - u);
 }
 
-inline float sigmoid(float v) { return 1.0f / (1.0f + std::exp(-v)); }
+// e = e^{-|y|} in [0, 1]: never overflows, so neither sigmoid(y) nor sigmoid'(y) can be NaN for
+// any y that is not NaN, ±inf included (e = 0 there).
+template <typename T>
+inline T exp_neg_abs(T y) { return std::exp(-std::fabs(y)); }
+
+template <typename T>
+inline T sigmoid(T y) {
+  const T e = exp_neg_abs(y);
+  return (y >= T(0) ? T(1) : e) / (T(1) + e);
+}
+
+// sigmoid(y) * (1 - sigmoid(y)) = e / (1 + e)^2: no 1 - s cancellation next to s = 1, and
+// exactly 0 (not 0 * inf) where y is ±inf.
+template <typename T>
+inline T sigmoid_slope(T y) {
+  const T e = exp_neg_abs(y);
+  return e / ((T(1) + e) * (T(1) + e));
+}
 
 // Below this many elements one thread does it all: a second costs more than it saves.
 constexpr int64_t kMinPerThread = 1 << 14;
@@ -56,31 +73,33 @@ void for_range(int64_t n, int threads, F&& body) {
   });
 }
 
+// d + L in T: the pair's difference before any rounding to float32.
 template <typename T>
-inline float logit_of(const T* x, bool pairs, int64_t n) {
-  return pairs ? static_cast<float>(x[2 * n]) - static_cast<float>(x[2 * n + 1]) : static_cast<float>(x[n]);
+inline T perturbed(const T* x, bool pairs, int64_t n, uint64_t seed) {
+  const T d = pairs ? x[2 * n] - x[2 * n + 1] : x[n];
+  return d + static_cast<T>(logistic(seed, static_cast<uint64_t>(n)));
 }
 
 template <typename T>
-MTLFAST_CLONES void forward_range(int64_t begin, int64_t end, bool pairs, const T* x, float tau, uint64_t seed,
+MTLFAST_CLONES void forward_range(int64_t begin, int64_t end, bool pairs, const T* x, T tau, uint64_t seed,
                                   bool hard, T* z) {
   for (int64_t n = begin; n < end; ++n) {
-    const float v = logit_of(x, pairs, n) + logistic(seed, static_cast<uint64_t>(n));
-    z[n] = static_cast<T>(hard ? (v > 0.0f ? 1.0f : 0.0f) : sigmoid(v / tau));
+    const T v = perturbed(x, pairs, n, seed);
+    z[n] = hard ? (v > T(0) ? T(1) : T(0)) : sigmoid(v / tau);
   }
 }
 
 template <typename T>
-MTLFAST_CLONES void backward_range(int64_t begin, int64_t end, bool pairs, const T* dz, const T* x, float tau,
+MTLFAST_CLONES void backward_range(int64_t begin, int64_t end, bool pairs, const T* dz, const T* x, T tau,
                                    uint64_t seed, T* dx) {
   for (int64_t n = begin; n < end; ++n) {
-    const float s = sigmoid((logit_of(x, pairs, n) + logistic(seed, static_cast<uint64_t>(n))) / tau);
-    const float g = static_cast<float>(dz[n]) * s * (1.0f - s) / tau;
+    // tau is normal in T, so slope / tau <= 0.25 / tau is finite: dz * it is never 0 * inf
+    const T g = dz[n] * (sigmoid_slope(perturbed(x, pairs, n, seed) / tau) / tau);
     if (pairs) {
-      dx[2 * n] = static_cast<T>(g);
-      dx[2 * n + 1] = static_cast<T>(-g);
+      dx[2 * n] = g;
+      dx[2 * n + 1] = -g;
     } else {
-      dx[n] = static_cast<T>(g);
+      dx[n] = g;
     }
   }
 }
@@ -94,22 +113,25 @@ void philox_uniform(uint64_t seed, int64_t offset0, int64_t n, float* out, int t
 }
 
 template <typename T>
-void gumbel_sigmoid_forward(int64_t N, bool pairs, const T* x, float tau, uint64_t seed, bool hard, T* z,
+void gumbel_sigmoid_forward(int64_t N, bool pairs, const T* x, double tau, uint64_t seed, bool hard, T* z,
                             int threads) {
-  for_range(N, threads, [&](int64_t begin, int64_t end) { forward_range(begin, end, pairs, x, tau, seed, hard, z); });
+  const T t = static_cast<T>(tau);
+  for_range(N, threads, [&](int64_t begin, int64_t end) { forward_range(begin, end, pairs, x, t, seed, hard, z); });
 }
 
 template <typename T>
-void gumbel_sigmoid_backward(int64_t N, bool pairs, const T* dz, const T* x, float tau, uint64_t seed, T* dx,
+void gumbel_sigmoid_backward(int64_t N, bool pairs, const T* dz, const T* x, double tau, uint64_t seed, T* dx,
                              int threads) {
-  for_range(N, threads, [&](int64_t begin, int64_t end) { backward_range(begin, end, pairs, dz, x, tau, seed, dx); });
+  const T t = static_cast<T>(tau);
+  for_range(N, threads, [&](int64_t begin, int64_t end) { backward_range(begin, end, pairs, dz, x, t, seed, dx); });
 }
 
-template void gumbel_sigmoid_forward<float>(int64_t, bool, const float*, float, uint64_t, bool, float*, int);
-template void gumbel_sigmoid_forward<double>(int64_t, bool, const double*, float, uint64_t, bool, double*, int);
-template void gumbel_sigmoid_backward<float>(int64_t, bool, const float*, const float*, float, uint64_t, float*, int);
-template void gumbel_sigmoid_backward<double>(int64_t, bool, const double*, const double*, float, uint64_t, double*,
-                                              int);
+#define MTLFAST_INSTANTIATE(T)                                                                                 \
+  template void gumbel_sigmoid_forward<T>(int64_t, bool, const T*, double, uint64_t, bool, T*, int);           \
+  template void gumbel_sigmoid_backward<T>(int64_t, bool, const T*, const T*, double, uint64_t, T*, int);
+MTLFAST_INSTANTIATE(float)
+MTLFAST_INSTANTIATE(double)
+#undef MTLFAST_INSTANTIATE
 
 }  // namespace cpu
 }  // namespace mtlfast

@@ -1,4 +1,6 @@
-// Element types the kernels are instantiated for; the numbering is mirrored in mtlfast/_native.py.
+// Element types the CUDA kernels are instantiated for. Only C++ uses these codes: the binding
+// maps each buffer's DLPack dtype to one of them (csrc/bindings.cpp), so nothing mirrors them in
+// Python.
 #pragma once
 
 namespace mtlfast {

@@ -12,6 +12,7 @@ task is one launch forward and one backward (MF.gumbel_pairs); layer l's logits 
 from __future__ import annotations
 
 import math
+import numbers
 from typing import List, Optional, Sequence, Union
 
 import torch
@@ -45,11 +46,17 @@ class GumbelMatrix(nn.Module):
         if isinstance(components, int) or not len(components):
             raise ValueError(f"{owner}: argument 'components' must be a non-empty list of counts, got {components!r}")
         self.components = [_positive_int(owner, "components", c) for c in components]
+        for name, value in (("p_init", p_init), ("tau", tau), ("tau_min", tau_min)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)):
+                raise TypeError(f"{owner}: argument '{name}' must be a real number, got {type(value).__name__}")
         if not 0.0 < float(p_init) < 1.0:
             raise ValueError(f"{owner}: argument 'p_init' must be in (0, 1), got {p_init!r}")
         for name, value in (("tau", tau), ("tau_min", tau_min)):
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{owner}: argument '{name}' must be finite and > 0, got {value!r}")
+            # a float32 normal number: the samples are computed in float32 for float32 logits
+            if value is not None and not (math.isfinite(value) and torch.finfo(torch.float32).tiny <= value
+                                          <= torch.finfo(torch.float32).max):
+                raise ValueError(f"{owner}: argument '{name}' must be finite and > 0 (a normal float32 number), "
+                                 f"got {value!r}")
         self.tau0, self.tau_min = float(tau), tau_min
         init = torch.tensor([math.log(p_init), math.log(1.0 - p_init)])
         self.logits = nn.Parameter(init.expand(num_tasks, sum(self.components), 2).clone())

@@ -142,6 +142,8 @@ class SluiceLSTM(nn.Module):
         if hidden_size % num_subspaces:
             raise ValueError(f"{owner}: argument 'num_subspaces' ({num_subspaces}) must divide hidden_size "
                              f"({hidden_size})")
+        if layer_mix not in LAYER_MIX_MODES:
+            raise ValueError(f"{owner}: argument 'layer_mix' must be one of {LAYER_MIX_MODES}, got {layer_mix!r}")
         self.bidirectional, self.batch_first = bool(bidirectional), bool(batch_first)
         self.num_directions = 2 if bidirectional else 1
         width = self.num_directions * hidden_size
@@ -224,9 +226,12 @@ class SluiceLSTM(nn.Module):
                              f"({M}, B, L, {self.input_size}) per task (batch_first={self.batch_first}), "
                              f"got shape {tuple(x.shape)}")
         weight = self.lstms[0][0].weight_ih_l0
-        if x.dtype != weight.dtype or x.device != weight.device:
-            raise TypeError(f"SluiceLSTM: argument 'x' must have the parameters' dtype and device ({weight.dtype}, "
-                            f"{weight.device}), got {x.dtype}, {x.device}")
+        if x.device != weight.device:
+            raise ValueError(f"SluiceLSTM: argument 'x' must be on the parameters' device ({weight.device}), "
+                             f"got {x.device}")
+        if not x.is_floating_point() or (x.dtype != weight.dtype and not torch._C._is_any_autocast_enabled()):
+            raise TypeError(f"SluiceLSTM: argument 'x' must have the parameters' dtype ({weight.dtype}), got "
+                            f"{x.dtype}")
         per_task = x if x.dim() == 4 else x.unsqueeze(0).expand(M, *x.shape)
         if self.batch_first:
             per_task = per_task.transpose(1, 2)                                 # (M, T, B, I)
@@ -261,6 +266,9 @@ class SluiceLSTM(nn.Module):
         if not isinstance(lengths, torch.Tensor) or lengths.dim() != 1 or lengths.shape[0] != B:
             raise ValueError(f"SluiceLSTM: argument 'lengths' must be a 1-D tensor of {B} lengths, got "
                              f"{tuple(lengths.shape) if isinstance(lengths, torch.Tensor) else type(lengths).__name__}")
+        if lengths.is_floating_point() or lengths.is_complex() or lengths.dtype == torch.bool:
+            raise TypeError(f"SluiceLSTM: argument 'lengths' must be an integer tensor, got {lengths.dtype} "
+                            "(a fractional length has no meaning; lengths are never rounded)")
         lengths = lengths.to(device=device, dtype=torch.int64)
         if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
             raise ValueError(f"SluiceLSTM: argument 'lengths' must be in [0, {T}] (the sequence length), got min "

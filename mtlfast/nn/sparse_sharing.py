@@ -3,81 +3,146 @@
 Sparse sharing (Sun et al. 2020): task t uses weights M_t ⊙ θ of one shared base LSTM; the shared
 weight's gradient is Σ_t M_t ⊙ grad_t. Every task, and both directions, of a layer run as groups of
 one grouped masked LSTM call (mtlfast.ops.masked_lstm), so the base weights are read once per layer.
+
+Drop-in means: nn.LSTM's constructor (positional order, checks, exception types and messages),
+parameters (names, shapes, registration order, so the same seed gives the same weights), state
+dict keys (plus the masks), attributes, forward signature, return types and errors. With
+``num_tasks=1`` and ``task`` left out, a model built on this class runs what nn.LSTM runs.
 """
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple, Union
+import numbers
+import warnings
+from typing import List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
+from mtlfast._checks import ArgumentError, ArgumentTypeError, UnsupportedError
+from mtlfast.ops.common import select
 from mtlfast.ops.masked_lstm import run_layer
 
 Input = Union[torch.Tensor, PackedSequence]
+Task = Union[None, int, str, torch.Tensor]
+ALL_TASKS = "all"
 
 
 class SparseSharingLSTM(nn.Module):
     """torch.nn.LSTM with one bool mask per task per weight matrix.
+
+    Args: those of torch.nn.LSTM, in its order (``proj_size > 0`` is not supported and raises),
+    plus the keyword-only ``num_tasks``.
 
     Parameters are named, shaped and initialised exactly as torch.nn.LSTM's (``weight_ih_l0``,
     ``weight_hh_l0``, ``bias_ih_l0``, ``bias_hh_l0``, ``..._reverse``), so the same seed gives the same
     weights and state dicts load both ways (an nn.LSTM loads ours with ``strict=False``: our extra
     keys are the masks). Masks are bool buffers ``mask_ih_l{k}`` / ``mask_hh_l{k}`` of shape
     (directions * num_tasks, 4*hidden, in): row ``d * num_tasks + t`` is task t's mask of direction d.
-    All True at start (= hard sharing). Biases are not masked.
+    All True at start (= hard sharing), and again after :meth:`reset_parameters`, which resets the
+    masks with the weights as BatchNorm's resets its running statistics. Biases are not masked.
+    Masks loaded from a state dict as 0/1 numbers become bool; any other value is refused.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, num_tasks: int, num_layers: int = 1,
-                 bias: bool = True, batch_first: bool = False, dropout: float = 0.0,
-                 bidirectional: bool = False) -> None:
+    mode = "LSTM"
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None, *, num_tasks: int = 1) -> None:
         super().__init__()
-        for name, value, low in (("input_size", input_size, 1), ("hidden_size", hidden_size, 1),
-                                 ("num_tasks", num_tasks, 1), ("num_layers", num_layers, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise ValueError(f"SparseSharingLSTM: argument '{name}' must be an int >= {low}, got {value!r}")
-        if not 0.0 <= float(dropout) <= 1.0:
-            raise ValueError(f"SparseSharingLSTM: argument 'dropout' must be in [0, 1], got {dropout}")
-        self.input_size, self.hidden_size, self.num_tasks = input_size, hidden_size, num_tasks
-        self.num_layers, self.bias, self.batch_first = num_layers, bias, batch_first
-        self.dropout, self.bidirectional = float(dropout), bidirectional
-        self.num_directions = 2 if bidirectional else 1
+        _check_constructor(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size, num_tasks)
+        self.input_size, self.hidden_size, self.num_layers = input_size, hidden_size, num_layers
+        self.bias, self.batch_first, self.dropout = bias, batch_first, float(dropout)
+        self.bidirectional, self.proj_size, self.num_tasks = bidirectional, proj_size, num_tasks
+        factory = {"device": device, "dtype": dtype}
         H, D = hidden_size, self.num_directions
+        self._flat_weights_names: List[str] = []
+        self._all_weights: List[List[str]] = []
         # Registration order = torch.nn.LSTM's, so reset_parameters draws the same numbers.
         for layer in range(num_layers):
-            in_size = input_size if layer == 0 else H * D
             for suffix in self._suffixes():
-                self.register_parameter(f"weight_ih_l{layer}{suffix}", nn.Parameter(torch.empty(4 * H, in_size)))
-                self.register_parameter(f"weight_hh_l{layer}{suffix}", nn.Parameter(torch.empty(4 * H, H)))
+                names = [f"weight_ih_l{layer}{suffix}", f"weight_hh_l{layer}{suffix}"]
+                shapes = [(4 * H, self._layer_input_size(layer)), (4 * H, H)]
                 if bias:
-                    self.register_parameter(f"bias_ih_l{layer}{suffix}", nn.Parameter(torch.empty(4 * H)))
-                    self.register_parameter(f"bias_hh_l{layer}{suffix}", nn.Parameter(torch.empty(4 * H)))
+                    names += [f"bias_ih_l{layer}{suffix}", f"bias_hh_l{layer}{suffix}"]
+                    shapes += [(4 * H,), (4 * H,)]
+                for name, shape in zip(names, shapes):
+                    self.register_parameter(name, nn.Parameter(torch.empty(shape, **factory)))
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
         for layer in range(num_layers):
-            in_size = input_size if layer == 0 else H * D
-            self.register_buffer(f"mask_ih_l{layer}", torch.ones(D * num_tasks, 4 * H, in_size, dtype=torch.bool))
-            self.register_buffer(f"mask_hh_l{layer}", torch.ones(D * num_tasks, 4 * H, H, dtype=torch.bool))
+            for kind, cols in (("ih", self._layer_input_size(layer)), ("hh", H)):
+                self.register_buffer(f"mask_{kind}_l{layer}",
+                                     torch.ones(D * num_tasks, 4 * H, cols, dtype=torch.bool, device=device))
         self.reset_parameters()
 
-    def _suffixes(self):
+    @property
+    def num_directions(self) -> int:
+        return 2 if self.bidirectional else 1
+
+    def _suffixes(self) -> Tuple[str, ...]:
         return ("", "_reverse") if self.bidirectional else ("",)
 
+    def _layer_input_size(self, layer: int) -> int:
+        return self.input_size if layer == 0 else self.hidden_size * self.num_directions
+
     def reset_parameters(self) -> None:
+        """nn.LSTM's initialisation (U(-1/√hidden, 1/√hidden), the same draws), and every mask all True."""
         stdv = 1.0 / math.sqrt(self.hidden_size)
         for weight in self.parameters():
             nn.init.uniform_(weight, -stdv, stdv)
+        with torch.no_grad():
+            for name, _ in self._mask_buffers():
+                getattr(self, name).fill_(True)
+
+    # -----------------------------------------------------------------------------------------
+    # torch.nn.LSTM's attributes
+
+    @property
+    def _flat_weights(self) -> List[Optional[torch.Tensor]]:
+        # computed, not stored: always what the attributes hold (weight_norm, functional_call, .to())
+        return [getattr(self, name, None) for name in self._flat_weights_names]
+
+    @property
+    def all_weights(self) -> List[List[torch.Tensor]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def flatten_parameters(self) -> None:
+        """A no-op: the masked kernels read the parameters where they are (cuDNN's flat buffer is
+        not used)."""
+
+    def extra_repr(self) -> str:
+        s = f"{self.input_size}, {self.hidden_size}"
+        if self.num_layers != 1:
+            s += f", num_layers={self.num_layers}"
+        if self.bias is not True:
+            s += f", bias={self.bias}"
+        if self.batch_first is not False:
+            s += f", batch_first={self.batch_first}"
+        if self.dropout != 0:
+            s += f", dropout={self.dropout}"
+        if self.bidirectional is not False:
+            s += f", bidirectional={self.bidirectional}"
+        return s + f", num_tasks={self.num_tasks}"
 
     # -----------------------------------------------------------------------------------------
     # Masks
 
-    def masked_parameter_names(self) -> list[str]:
+    def masked_parameter_names(self) -> List[str]:
         """The weight matrices that carry masks (biases do not)."""
         return [f"weight_{kind}_l{layer}{suffix}" for layer in range(self.num_layers)
                 for suffix in self._suffixes() for kind in ("ih", "hh")]
 
+    def _mask_buffers(self) -> List[Tuple[str, Tuple[int, int, int]]]:
+        """(buffer name, expected shape) of every mask buffer."""
+        rows, H4 = self.num_directions * self.num_tasks, 4 * self.hidden_size
+        return [(f"mask_{kind}_l{layer}", (rows, H4, cols)) for layer in range(self.num_layers)
+                for kind, cols in (("ih", self._layer_input_size(layer)), ("hh", self.hidden_size))]
+
     def _mask_slot(self, task: int, name: str) -> Tuple[torch.Tensor, int]:
-        if not isinstance(task, int) or not 0 <= task < self.num_tasks:
+        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
             raise ValueError(f"SparseSharingLSTM: argument 'task' must be an int in [0, {self.num_tasks}), got {task!r}")
         if name not in self.masked_parameter_names():
             raise ValueError(f"SparseSharingLSTM: argument 'name' must be one of "
@@ -88,7 +153,8 @@ class SparseSharingLSTM(nn.Module):
         return getattr(self, f"mask_{kind}_l{layer}"), direction * self.num_tasks + task
 
     def get_mask(self, task: int, name: str) -> torch.Tensor:
-        """Task ``task``'s bool mask of weight matrix ``name`` (a view: writing into it changes it)."""
+        """Task ``task``'s bool mask of weight matrix ``name`` (a view: writing into it changes it,
+        and the next call uses what was written)."""
         buffer, row = self._mask_slot(task, name)
         return buffer[row]
 
@@ -112,138 +178,172 @@ class SparseSharingLSTM(nn.Module):
             total += mask.numel()
         return kept / total
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
+                              unexpected_keys, error_msgs):
+        # Masks keep one meaning: bool. 0/1 numbers (a mask saved as float) become bool, before
+        # torch copies or (assign=True) adopts them; anything else is an error, never a silent cast.
+        for name, _ in self._mask_buffers():
+            key = prefix + name
+            if key not in state_dict:
+                continue
+            problem, value = _mask_from_state(state_dict[key])
+            if problem:
+                error_msgs.append(f"mask '{key}' {problem}")
+                del state_dict[key]       # not loaded (a local copy of the caller's dict)
+            else:
+                state_dict[key] = value
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
+        # A torch.nn.LSTM state dict has no masks: keep ours (strict loading still passes).
+        missing_keys[:] = [k for k in missing_keys if not k[len(prefix):].startswith("mask_")]
+
     # -----------------------------------------------------------------------------------------
     # Conversion
 
     @classmethod
     def from_lstm(cls, lstm: nn.LSTM, num_tasks: int) -> "SparseSharingLSTM":
-        """A SparseSharingLSTM with ``lstm``'s configuration and weights, every mask all True."""
+        """A SparseSharingLSTM with ``lstm``'s configuration, weights and train/eval mode, every
+        mask all True."""
         if not isinstance(lstm, nn.LSTM):
             raise TypeError(f"SparseSharingLSTM.from_lstm: argument 'lstm' must be a torch.nn.LSTM, got {type(lstm).__name__}")
         if lstm.proj_size:
-            raise ValueError("SparseSharingLSTM.from_lstm: argument 'lstm' must have proj_size 0, got "
-                             f"{lstm.proj_size}")
-        ref = next(lstm.parameters())
-        model = cls(lstm.input_size, lstm.hidden_size, num_tasks, lstm.num_layers, lstm.bias, lstm.batch_first,
-                    lstm.dropout, lstm.bidirectional).to(device=ref.device, dtype=ref.dtype)
+            raise UnsupportedError("SparseSharingLSTM.from_lstm: argument 'lstm' must have proj_size 0, got "
+                                   f"{lstm.proj_size} (projections are not supported)")
+        ref = lstm.weight_ih_l0
+        model = cls(lstm.input_size, lstm.hidden_size, lstm.num_layers, lstm.bias, lstm.batch_first, lstm.dropout,
+                    bool(lstm.bidirectional), device=ref.device, dtype=ref.dtype, num_tasks=num_tasks)
         model.load_state_dict(lstm.state_dict(), strict=False)
-        return model
+        return model.train(lstm.training)
 
     def subnet(self, task: int) -> nn.LSTM:
-        """A plain torch.nn.LSTM holding task ``task``'s masked weights (a copy)."""
+        """A plain torch.nn.LSTM holding task ``task``'s masked weights (a copy), in this model's
+        train/eval mode."""
         ref = self.weight_ih_l0
         lstm = nn.LSTM(self.input_size, self.hidden_size, self.num_layers, self.bias, self.batch_first,
-                       self.dropout, self.bidirectional).to(device=ref.device, dtype=ref.dtype)
+                       self.dropout, self.bidirectional, device=ref.device, dtype=ref.dtype)
         with torch.no_grad():
             for name, param in lstm.named_parameters():
                 value = getattr(self, name)
                 if name.startswith("weight_"):
-                    value = value * self.get_mask(task, name)
+                    value = select(value, self.get_mask(task, name))
                 param.copy_(value)
-        return lstm
-
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,
-                              unexpected_keys, error_msgs):
-        # A torch.nn.LSTM state dict has no masks: keep ours (strict loading still passes).
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
-                                      unexpected_keys, error_msgs)
-        missing_keys[:] = [k for k in missing_keys if not k[len(prefix):].startswith("mask_")]
+        return lstm.train(self.training)
 
     # -----------------------------------------------------------------------------------------
     # Forward
 
-    def forward(self, input: Input, task: Union[int, torch.Tensor, None] = None,
-                hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None):
-        """Runs task ``task``'s subnet.
+    def forward(self, input: Input, hx: Optional[Tuple[torch.Tensor, torch.Tensor]] = None, *,
+                task: Task = None):
+        """Runs task ``task``'s subnet, as torch.nn.LSTM runs.
 
         Args:
             input: (T, B, input_size) ((B, T, ...) if batch_first), unbatched (T, input_size), or a
                 PackedSequence, as torch.nn.LSTM.
-            task: an int (that task's subnet for the whole batch); a LongTensor (B,) of per-sample
-                task ids (mixed batch); or None (every task's subnet on the same input, in one call).
-            hx: (h_0, c_0), each (num_layers * directions, B, hidden), as torch.nn.LSTM.
+            hx: (h_0, c_0), each (num_layers * directions, B, hidden) ((…, hidden) unbatched), as
+                torch.nn.LSTM; in the caller's batch order for a PackedSequence.
+            task: None (task 0; an error when num_tasks > 1), an int (that task's subnet for the
+                whole batch), a LongTensor (B,) of per-sample task ids (mixed batch), or "all"
+                (every task's subnet on the same input, in one call).
         Returns:
-            (output, (h_n, c_n)) as torch.nn.LSTM; with task=None each is stacked on a new dim 0 of
-            size num_tasks (for a PackedSequence input, output is a list of PackedSequences).
+            (output, (h_n, c_n)) as torch.nn.LSTM; with task="all" each is stacked on a new dim 0
+            of size num_tasks (for a PackedSequence input, output is a list of PackedSequences).
         """
         packed = isinstance(input, PackedSequence)
         if packed:
-            x, lengths = torch.nn.utils.rnn.pad_packed_sequence(input)      # original batch order
+            self._check_input(input.data, 2)
+            x, lengths = torch.nn.utils.rnn.pad_packed_sequence(input)       # the caller's batch order
             lengths = lengths.to(x.device)
+            unbatched = False
         else:
             if not isinstance(input, torch.Tensor):
-                raise TypeError(f"SparseSharingLSTM: argument 'input' must be a Tensor or PackedSequence, "
+                raise TypeError(f"SparseSharingLSTM: argument 'input' must be a Tensor or a PackedSequence, "
                                 f"got {type(input).__name__}")
             if input.dim() not in (2, 3):
-                raise ValueError(f"SparseSharingLSTM: argument 'input' must be 2-D (unbatched) or 3-D, "
-                                 f"got shape {tuple(input.shape)}")
-            x = input
-            if x.dim() == 3 and self.batch_first:
-                x = x.transpose(0, 1)
+                raise ValueError(f"SparseSharingLSTM: argument 'input': LSTM: Expected input to be 2D or 3D, got "
+                                 f"{input.dim()}D instead")
+            unbatched = input.dim() == 2
+            x = input.unsqueeze(1) if unbatched else input.transpose(0, 1) if self.batch_first else input
+            self._check_input(x, 3)
             lengths = None
-        unbatched = x.dim() == 2
-        if unbatched:
-            x = x.unsqueeze(1)
-        if x.shape[-1] != self.input_size:
-            raise ValueError(f"SparseSharingLSTM: argument 'input' must have {self.input_size} features "
-                             f"(input_size), got shape {tuple(input.shape if not packed else x.shape)}")
-        T, B, _ = x.shape
+        T, B = x.shape[:2]
+        if T == 0:
+            raise ArgumentError("SparseSharingLSTM: Expected sequence length to be larger than 0 in RNN "
+                                f"(argument 'input' has shape {tuple(input.data.shape if packed else input.shape)})")
+        h0, c0 = self._initial_state(hx, x, unbatched)
+        self._check_masks(x.device)
+        groups = _Groups.of(task, B, self.num_tasks, x.device)
         if lengths is None:
             lengths = torch.full((B,), T, dtype=torch.int64, device=x.device)
-        groups = self._groups(task, B, x.device)
-        h0, c0 = self._initial_state(hx, B, x, unbatched)
         out, h_n, c_n = self._run(x, lengths, groups, h0, c0)
-        return self._format(out, h_n, c_n, task, groups, packed, input, unbatched)
+        return self._format(out, h_n, c_n, groups, input if packed else None, unbatched)
 
-    def _groups(self, task, B: int, device) -> "_Groups":
-        """Which batch rows each task group runs (see _Groups)."""
-        if task is None:
-            return _Groups("shared", self.num_tasks, B, torch.arange(self.num_tasks, device=device), None)
-        if isinstance(task, int) and not isinstance(task, bool):
-            if not 0 <= task < self.num_tasks:
-                raise ValueError(f"SparseSharingLSTM: argument 'task' must be in [0, {self.num_tasks}), got {task}")
-            return _Groups("blocks", 1, B, torch.full((1,), task, device=device), None)
-        if isinstance(task, torch.Tensor) and task.dtype in (torch.int64, torch.int32) and task.dim() == 1:
-            if task.shape[0] != B:
-                raise ValueError(f"SparseSharingLSTM: argument 'task' must have one id per sample ({B}), "
-                                 f"got shape {tuple(task.shape)}")
-            task = task.to(device=device, dtype=torch.int64)
-            if B and (int(task.min()) < 0 or int(task.max()) >= self.num_tasks):
-                raise ValueError(f"SparseSharingLSTM: argument 'task' ids must be in [0, {self.num_tasks}), "
-                                 f"got min {int(task.min())} and max {int(task.max())}")
-            present, counts = torch.unique(task, return_counts=True)
-            Gt, width = present.numel(), (int(counts.max()) if B else 0)
-            # The common layout (each task's samples one after the other, as many per task) needs
-            # no gather and no scatter: the batch is the groups' rows back to back.
-            if Gt * width == B and bool((task[1:] >= task[:-1]).all()):
-                return _Groups("blocks", Gt, width, present, None)
-            order = torch.argsort(task, stable=True)
-            starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-            slot = torch.arange(B, device=device) - starts                        # rank within its task
-            group = torch.repeat_interleave(torch.arange(Gt, device=device), counts)
-            rows = torch.full((Gt, width), -1, dtype=torch.int64, device=device)
-            rows[group, slot] = order
-            position = torch.empty(B, dtype=torch.int64, device=device)
-            position[order] = group * width + slot
-            return _Groups("scattered", Gt, width, present, rows, position)
-        raise TypeError(f"SparseSharingLSTM: argument 'task' must be an int, a 1-D LongTensor of task ids or "
-                        f"None, got {type(task).__name__}")
+    def _check_input(self, x: torch.Tensor, ndim: int) -> None:
+        """torch.nn.LSTM's checks of the input (RNNBase.check_input), same types and messages,
+        plus agreement of the parameters' dtypes and devices with it."""
+        weight = self.weight_ih_l0
+        if x.dtype != weight.dtype and not torch._C._is_any_autocast_enabled():
+            raise ValueError(f"SparseSharingLSTM: argument 'input': RNN input dtype ({x.dtype}) does not match weight dtype ({weight.dtype}). "
+                             f"Convert input: input.to({weight.dtype}), or convert model: model.to({x.dtype})")
+        if not x.is_floating_point():
+            raise TypeError(f"SparseSharingLSTM: argument 'input' must be floating point, got {x.dtype}")
+        if x.dim() != ndim:
+            raise ArgumentError(f"SparseSharingLSTM: argument 'input': input must have {ndim} dimensions, got {x.dim()}")
+        if x.shape[-1] != self.input_size:
+            raise ArgumentError(f"SparseSharingLSTM: argument 'input': input.size(-1) must be equal to input_size. "
+                                f"Expected {self.input_size}, got {x.shape[-1]}")
+        for name, param in zip(self._flat_weights_names, self._flat_weights):
+            if not isinstance(param, torch.Tensor):
+                raise TypeError(f"SparseSharingLSTM: parameter '{name}' must be a tensor, got {type(param).__name__}")
+            if param.device != x.device:
+                raise ArgumentError(f"SparseSharingLSTM: argument 'input': Input and parameter tensors are not at the "
+                                    f"same device, found input tensor at "
+                                    f"{x.device} and parameter tensor '{name}' at {param.device}")
+            if param.dtype != weight.dtype:
+                raise ArgumentError(f"SparseSharingLSTM: parameter '{name}' must have the dtype of weight_ih_l0 "
+                                    f"({weight.dtype}), got {param.dtype}")
 
-    def _initial_state(self, hx, B: int, x: torch.Tensor, unbatched: bool):
-        L, D, H = self.num_layers, self.num_directions, self.hidden_size
+    def _initial_state(self, hx, x: torch.Tensor, unbatched: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(h_0, c_0) as (layers * directions, B, hidden): zeros, or ``hx`` checked as nn.LSTM checks it."""
+        expected = (self.num_layers * self.num_directions, x.shape[1], self.hidden_size)
         if hx is None:
-            zeros = x.new_zeros((L * D, B, H))
+            zeros = x.new_zeros(expected)
             return zeros, zeros
-        if not (isinstance(hx, (tuple, list)) and len(hx) == 2):
-            raise TypeError("SparseSharingLSTM: argument 'hx' must be a tuple (h_0, c_0)")
+        if not (isinstance(hx, (tuple, list)) and len(hx) == 2
+                and all(isinstance(t, torch.Tensor) for t in hx)):
+            raise ArgumentTypeError("SparseSharingLSTM: argument 'hx' must be a tuple (h_0, c_0) of two tensors, got "
+                            f"{type(hx).__name__}")
         h0, c0 = hx
+        want = 2 if unbatched else 3
+        if h0.dim() != want or c0.dim() != want:
+            kind = "unbatched 2-D" if unbatched else "batched 3-D"
+            raise ArgumentError(f"SparseSharingLSTM: argument 'hx': For {kind} input, hx and cx should also be {want}-D "
+                                f"but got "
+                                f"({h0.dim()}-D, {c0.dim()}-D) tensors")
         if unbatched:
             h0, c0 = h0.unsqueeze(1), c0.unsqueeze(1)
-        for name, value in (("h_0", h0), ("c_0", c0)):
-            if tuple(value.shape) != (L * D, B, H):
-                raise ValueError(f"SparseSharingLSTM: argument 'hx' {name} must have shape {(L * D, B, H)}, "
-                                 f"got {tuple(value.shape)}")
+        for i, value in enumerate((h0, c0)):
+            if tuple(value.shape) != expected:
+                raise ArgumentError(f"SparseSharingLSTM: argument 'hx': Expected hidden[{i}] size {expected}, "
+                                    f"got {list(value.shape)}")
+            if value.device != x.device:
+                raise ArgumentError(f"SparseSharingLSTM: argument 'hx': Input and hidden tensors are not at the same "
+                                    f"device, found input tensor at {x.device} and hidden tensor at {value.device}")
+            autocast_ok = torch._C._is_any_autocast_enabled() and value.is_floating_point()
+            if value.dtype != x.dtype and not autocast_ok:
+                raise ArgumentError(f"SparseSharingLSTM: argument 'hx' hidden[{i}] must have the input's dtype "
+                                    f"({x.dtype}), got {value.dtype}")
         return h0, c0
+
+    def _check_masks(self, device: torch.device) -> None:
+        # metadata only: a buffer replaced by assignment must still be what the kernels read
+        for name, shape in self._mask_buffers():
+            mask = getattr(self, name)
+            if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool or tuple(mask.shape) != shape \
+                    or mask.device != device:
+                got = (f"{mask.dtype} {tuple(mask.shape)} on {mask.device}" if isinstance(mask, torch.Tensor)
+                       else type(mask).__name__)
+                raise ArgumentError(f"SparseSharingLSTM: mask buffer '{name}' must be a bool tensor of shape {shape} "
+                                    f"on {device}, got {got}")
 
     def _run(self, x, lengths, groups: "_Groups", h0, c0):
         """All layers; each layer is one grouped call over (task group, direction)."""
@@ -257,6 +357,7 @@ class SparseSharingLSTM(nn.Module):
         weight_index = torch.arange(D, device=x.device).repeat(Gt)      # direction d uses weight set d
         reverse = weight_index == 1                                      # built on the device: no copy
         mask_index = (torch.arange(D, device=x.device).repeat(Gt) * N + groups.tasks.repeat_interleave(D))
+        dropout = self.training and self.dropout > 0       # `training` read on every call, as nn.LSTM
         h_n, c_n = [], []
         for layer in range(self.num_layers):
             suffixes = self._suffixes()
@@ -272,32 +373,84 @@ class SparseSharingLSTM(nn.Module):
                                   getattr(self, f"mask_ih_l{layer}"), getattr(self, f"mask_hh_l{layer}"),
                                   mask_index, lengths_g, reverse)
             layer_in = y.view(Gt, D, *y.shape[1:]).permute(0, 2, 3, 1, 4).reshape(Gt, y.shape[1], R, D * H)
-            if self.dropout and self.training and layer < self.num_layers - 1:
-                layer_in = F.dropout(layer_in, self.dropout, True)
+            if dropout and layer < self.num_layers - 1:
+                layer_in = groups.dropout(layer_in, self.dropout)
             h_n.append(hl.view(Gt, D, R, H))
             c_n.append(cl.view(Gt, D, R, H))
         return layer_in, torch.cat(h_n, 1), torch.cat(c_n, 1)       # (Gt, T, R, D*H), (Gt, L*D, R, H) x2
 
-    def _format(self, out, h_n, c_n, task, groups: "_Groups", packed, input, unbatched):
-        if task is None:
+    def _format(self, out, h_n, c_n, groups: "_Groups", packed: Optional[PackedSequence], unbatched: bool):
+        if groups.kind == "shared":
             outputs, hs, cs = out, h_n, c_n                               # (N, T, B, DH), (N, LD, B, H)
         else:
             outputs, hs, cs = (groups.scatter(t.transpose(0, 1)) for t in (out, h_n, c_n))
-        if packed:
+        if packed is not None:
             def repack(o):  # (T, B, F) in the caller's batch order -> the input's packing
-                if input.sorted_indices is not None:
-                    o = o.index_select(1, input.sorted_indices)
-                return PackedSequence(o[_packed_index(input)], input.batch_sizes, input.sorted_indices,
-                                      input.unsorted_indices)
-            outputs = [repack(o) for o in outputs] if task is None else repack(outputs)
+                if packed.sorted_indices is not None:
+                    o = o.index_select(1, packed.sorted_indices)
+                return PackedSequence(o[_packed_index(packed)], packed.batch_sizes, packed.sorted_indices,
+                                      packed.unsorted_indices)
+            outputs = [repack(o) for o in outputs] if groups.kind == "shared" else repack(outputs)
             return outputs, (hs, cs)
-        if task is None:
+        if groups.kind == "shared":
             if unbatched:
                 return outputs[:, :, 0], (hs[:, :, 0], cs[:, :, 0])
             return (outputs.transpose(1, 2) if self.batch_first else outputs), (hs, cs)
         if unbatched:
             return outputs[:, 0], (hs[:, 0], cs[:, 0])
         return (outputs.transpose(0, 1) if self.batch_first else outputs), (hs, cs)
+
+
+def _check_constructor(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size,
+                       num_tasks) -> None:
+    """torch.nn.LSTM's constructor checks (RNNBase.__init__): the same exception types and
+    messages, so code and tests written against nn.LSTM see the same errors; then ours."""
+    if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+        raise ValueError("dropout should be a number in range [0, 1] representing the probability of an element "
+                         "being zeroed")
+    if dropout > 0 and num_layers == 1:
+        warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout expects "
+                      f"num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                      stacklevel=3)
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+    if not isinstance(batch_first, bool):
+        raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+    for name, value in (("input_size", input_size), ("hidden_size", hidden_size)):
+        if not isinstance(value, int):
+            raise TypeError(f"{name} should be of type int, got: {type(value).__name__}")
+        if value <= 0:
+            raise ValueError(f"{name} must be greater than zero")
+    if not isinstance(num_layers, int):
+        raise TypeError(f"num_layers should be of type int, got: {type(num_layers).__name__}")
+    if num_layers <= 0:
+        raise ValueError("num_layers must be greater than zero")
+    if not isinstance(proj_size, int):
+        raise TypeError(f"proj_size should be of type int, got: {type(proj_size).__name__}")
+    if proj_size < 0:
+        raise ValueError("proj_size should be a positive integer or zero to disable projections")
+    if proj_size >= hidden_size:
+        raise ValueError("proj_size has to be smaller than hidden_size")
+    if proj_size > 0:
+        raise UnsupportedError(f"SparseSharingLSTM: argument 'proj_size' must be 0, got {proj_size}: LSTMs with "
+                               "projections are not supported (use torch.nn.LSTM)")
+    if isinstance(num_tasks, bool) or not isinstance(num_tasks, int):
+        raise TypeError(f"SparseSharingLSTM: argument 'num_tasks' must be an int, got {type(num_tasks).__name__}")
+    if num_tasks < 1:
+        raise ValueError(f"SparseSharingLSTM: argument 'num_tasks' must be >= 1, got {num_tasks}")
+
+
+def _mask_from_state(value: object) -> Tuple[Optional[str], Optional[torch.Tensor]]:
+    """(problem, None) or (None, the bool mask) for a mask entry of a state dict."""
+    if not isinstance(value, torch.Tensor):
+        return f"must be a tensor, got {type(value).__name__}", None
+    if value.dtype == torch.bool:
+        return (("is on the meta device: it has no values to load", None) if value.is_meta else (None, value))
+    if value.is_meta:
+        return "is on the meta device: it has no values to load", None
+    if value.is_complex() or not ((value == 0) | (value == 1)).all():
+        return f"must be bool or hold only 0 and 1, got {value.dtype} with other values", None
+    return None, value != 0
 
 
 def _packed_index(packed: PackedSequence) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -311,7 +464,7 @@ def _packed_index(packed: PackedSequence) -> Tuple[torch.Tensor, torch.Tensor]:
 class _Groups:
     """The task groups of one forward call: group j runs task ``tasks[j]`` on ``width`` batch rows.
 
-    - ``shared`` (task=None): every group runs all B rows.
+    - ``shared`` (task="all"): every group runs all B rows.
     - ``blocks``: group j runs rows j*width .. (j+1)*width - 1 (a task id, or per-sample ids
       sorted with as many samples per task): gathering and scattering are views and reshapes.
     - ``scattered``: any other per-sample ids: ``rows`` (groups, width) lists each group's batch
@@ -320,9 +473,64 @@ class _Groups:
     """
 
     def __init__(self, kind: str, count: int, width: int, tasks: torch.Tensor,
-                 rows: Optional[torch.Tensor], position: Optional[torch.Tensor] = None) -> None:
+                 rows: Optional[torch.Tensor] = None, position: Optional[torch.Tensor] = None) -> None:
         self.kind, self.count, self.width, self.tasks = kind, count, width, tasks
         self.rows, self.position = rows, position
+
+    @classmethod
+    def of(cls, task: Task, B: int, num_tasks: int, device: torch.device) -> "_Groups":
+        """The groups that run ``task`` (see SparseSharingLSTM.forward) on a batch of B rows."""
+        if isinstance(task, str):
+            if task != ALL_TASKS:
+                raise ValueError(f"SparseSharingLSTM: argument 'task' must be an int, a LongTensor of task ids or "
+                                 f"'{ALL_TASKS}', got {task!r}")
+            return cls("shared", num_tasks, B, torch.arange(num_tasks, device=device))
+        if task is None:
+            if num_tasks != 1:
+                raise ValueError(f"SparseSharingLSTM: argument 'task' is required with num_tasks={num_tasks}: an int, "
+                                 f"a LongTensor (B,) of per-sample task ids, or '{ALL_TASKS}'")
+            task = 0
+        if isinstance(task, torch.Tensor) and task.dim() == 0 and not task.is_floating_point() \
+                and task.dtype != torch.bool:
+            task = int(task)
+        if isinstance(task, int) and not isinstance(task, bool):
+            if not 0 <= task < num_tasks:
+                raise ValueError(f"SparseSharingLSTM: argument 'task' must be in [0, {num_tasks}), got {task}")
+            return cls("blocks", 1, B, torch.full((1,), task, device=device))
+        if isinstance(task, torch.Tensor) and task.dtype in (torch.int64, torch.int32) and task.dim() == 1:
+            return cls._per_sample(task, B, num_tasks, device)
+        what = f"{task.dtype} tensor of shape {tuple(task.shape)}" if isinstance(task, torch.Tensor) \
+            else type(task).__name__
+        raise TypeError(f"SparseSharingLSTM: argument 'task' must be an int, a 1-D LongTensor of task ids or "
+                        f"'{ALL_TASKS}', got {what}")
+
+    @classmethod
+    def _per_sample(cls, task: torch.Tensor, B: int, num_tasks: int, device: torch.device) -> "_Groups":
+        if task.shape[0] != B:
+            raise ValueError(f"SparseSharingLSTM: argument 'task' must have one id per sample ({B}), "
+                             f"got shape {tuple(task.shape)}")
+        if B == 0:
+            return cls("blocks", 1, 0, torch.zeros(1, dtype=torch.int64, device=device))
+        task = task.to(device=device, dtype=torch.int64)
+        low, high = torch.aminmax(task)
+        if int(low) < 0 or int(high) >= num_tasks:
+            raise ValueError(f"SparseSharingLSTM: argument 'task' ids must be in [0, {num_tasks}), "
+                             f"got min {int(low)} and max {int(high)}")
+        present, counts = torch.unique(task, return_counts=True)
+        Gt, width = present.numel(), int(counts.max())
+        # The common layout (each task's samples one after the other, as many per task) needs
+        # no gather and no scatter: the batch is the groups' rows back to back.
+        if Gt * width == B and bool((task[1:] >= task[:-1]).all()):
+            return cls("blocks", Gt, width, present)
+        order = torch.argsort(task, stable=True)
+        starts = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        slot = torch.arange(B, device=device) - starts                        # rank within its task
+        group = torch.repeat_interleave(torch.arange(Gt, device=device), counts)
+        rows = torch.full((Gt, width), -1, dtype=torch.int64, device=device)
+        rows[group, slot] = order
+        position = torch.empty(B, dtype=torch.int64, device=device)
+        position[order] = group * width + slot
+        return cls("scattered", Gt, width, present, rows, position)
 
     def valid(self) -> torch.Tensor:
         return self.rows >= 0
@@ -344,3 +552,11 @@ class _Groups:
         """(X, groups, width, F) -> (X, B, F): every sample's row back in the caller's batch order."""
         flat = t.reshape(t.shape[0], self.count * self.width, t.shape[-1])
         return flat if self.kind == "blocks" else flat.index_select(1, self.position)
+
+    def dropout(self, layer_out: torch.Tensor, p: float) -> torch.Tensor:
+        """F.dropout of a layer's output (groups, T, width, F), drawn in the caller's batch order
+        (T, B, F) as torch.nn.LSTM draws it: the same seed drops the same units as nn.LSTM, and a
+        sample's draw does not depend on how the batch was grouped. Every task of "all" draws its own."""
+        if self.kind == "shared":
+            return F.dropout(layer_out, p, True)
+        return self.gather(F.dropout(self.scatter(layer_out.transpose(0, 1)), p, True), dim=1)

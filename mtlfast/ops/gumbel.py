@@ -26,6 +26,7 @@ from typing import Optional, Union
 import torch
 
 from mtlfast import _checks, backends
+from mtlfast.ops import common
 
 Tau = Union[float, torch.Tensor]
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -72,7 +73,7 @@ def gumbel_noise(seed: int, n: int, device: torch.device) -> torch.Tensor:
 
 
 def _acc(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return common.accumulation_dtype(x.dtype)
 
 
 def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
@@ -83,21 +84,25 @@ def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
 def gumbel_sigmoid_reference(logits: torch.Tensor, tau: Tau, hard: bool, seed: int) -> torch.Tensor:
     acc = _acc(logits)
     v = logits.to(acc) + logistic_noise(seed, logits.numel(), logits.device).view(logits.shape).to(acc)
-    soft = torch.sigmoid(v / _tau_tensor(tau, logits.device).to(acc))
+    soft = torch.sigmoid(v / _tau_tensor(tau, logits))
     out = _straight_through((v > 0).to(acc), soft) if hard else soft
     return out.to(logits.dtype)
 
 
 def gumbel_pairs_reference(logits: torch.Tensor, tau: Tau, hard: bool, seed: int) -> torch.Tensor:
-    """logits (..., 2) complementary pairs -> (...): 1 where component 0 of the pair wins."""
-    return gumbel_sigmoid_reference(logits[..., 0] - logits[..., 1], tau, hard, seed)
+    """logits (..., 2) complementary pairs -> (...): 1 where component 0 of the pair wins. The
+    difference is taken in the accumulation dtype (float64 pairs keep float64 differences)."""
+    acc = _acc(logits)
+    diff = logits[..., 0].to(acc) - logits[..., 1].to(acc)
+    return gumbel_sigmoid_reference(diff, tau, hard, seed).to(logits.dtype)
 
 
 def gumbel_softmax_reference(logits: torch.Tensor, tau: Tau, hard: bool, dim: int, seed: int) -> torch.Tensor:
     acc = _acc(logits)
     moved = logits.movedim(dim, -1)
-    g = gumbel_noise(seed, moved.numel(), logits.device).view(moved.shape).to(acc)
-    soft = torch.softmax((moved.to(acc) + g) / _tau_tensor(tau, logits.device).to(acc), dim=-1)
+    v = moved.to(acc) + gumbel_noise(seed, moved.numel(), logits.device).view(moved.shape).to(acc)
+    # the max is subtracted before dividing: (v - max) / tau cannot overflow for any tau > 0
+    soft = torch.softmax((v - v.amax(-1, keepdim=True).detach()) / _tau_tensor(tau, logits), dim=-1)
     if hard:
         one_hot = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
         soft = _straight_through(one_hot, soft)
@@ -106,7 +111,7 @@ def gumbel_softmax_reference(logits: torch.Tensor, tau: Tau, hard: bool, dim: in
 
 def allocation_combine_reference(outputs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """outputs (C, ...), z (C,) -> Σ_c z_c · outputs_c / max(1, Σ_c z_c) (clamp's gradient at 1)."""
-    acc = torch.float64 if torch.float64 in (outputs.dtype, z.dtype) else torch.float32
+    acc = common.accumulation_dtype(outputs.dtype, z.dtype)
     zc = z.to(acc)
     total = torch.tensordot(zc, outputs.to(acc), dims=1)
     return (total / zc.sum().clamp(min=1)).to(outputs.dtype)
@@ -115,10 +120,22 @@ def allocation_combine_reference(outputs: torch.Tensor, z: torch.Tensor) -> torc
 # ---------------------------------------------------------------------------------------------
 # Validation
 
-def _tau_tensor(tau: Tau, device: torch.device) -> torch.Tensor:
+def _tau_range(logits: torch.Tensor) -> tuple:
+    """The taus a sample of ``logits`` accepts: the normal numbers of the dtype it is computed in,
+    so neither tau nor 1/tau (the slope's factor) is 0 or inf there."""
+    info = torch.finfo(_acc(logits))
+    return info.tiny, info.max
+
+
+def _tau_tensor(tau: Tau, like: torch.Tensor) -> torch.Tensor:
+    """tau as a 0-d tensor in the accumulation dtype of ``like``, on its device. A tensor tau is
+    clamped into the accepted range on the device: one that could not be checked on the host (on a
+    GPU that would be a sync; under torch.compile it is data) still yields no inf or NaN."""
+    acc = _acc(like)
     if isinstance(tau, torch.Tensor):
-        return tau.detach().to(device=device, dtype=torch.float32).reshape(())
-    return torch.tensor(float(tau), dtype=torch.float32, device=device)
+        low, high = _tau_range(like)
+        return tau.detach().to(device=like.device, dtype=acc).reshape(()).clamp(min=low, max=high)
+    return torch.tensor(float(tau), dtype=acc, device=like.device)
 
 
 def _validate(op: str, logits: object, tau: object, pairs: bool = False) -> None:
@@ -126,20 +143,24 @@ def _validate(op: str, logits: object, tau: object, pairs: bool = False) -> None
     if pairs and (logits.dim() < 1 or logits.shape[-1] != 2):
         raise ValueError(f"{op}: argument 'logits' must have a last dim of 2 (complementary pairs), "
                          f"got shape {tuple(logits.shape)}")
+    low, high = _tau_range(logits)
+    expected = (f"finite and > 0, in [{low:.4g}, {high:.4g}] (a normal {_checks._dtype_name(_acc(logits))} "
+                f"number, the dtype the sample is computed in)")
     if isinstance(tau, torch.Tensor):
         if tau.numel() != 1 or not tau.is_floating_point():
             raise ValueError(f"{op}: argument 'tau' must be a float or a one-element float tensor, got "
                              f"{tuple(tau.shape)} {tau.dtype}")
         # reading it is a device sync on a GPU and impossible while compiling: checked on CPU only
+        # (elsewhere _tau_tensor clamps it)
         if tau.device.type == "cpu" and not torch.compiler.is_compiling():
             value = float(tau)
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"{op}: argument 'tau' must be finite and > 0, got {value}")
+            if not (math.isfinite(value) and low <= value <= high):
+                raise ValueError(f"{op}: argument 'tau' must be {expected}, got {value}")
     elif isinstance(tau, bool) or not isinstance(tau, (int, float, torch.SymFloat, torch.SymInt)):
-        raise ValueError(f"{op}: argument 'tau' must be a float or a tensor, got {type(tau).__name__}")
-    elif not torch.compiler.is_compiling() and not (math.isfinite(tau) and tau > 0):
+        raise TypeError(f"{op}: argument 'tau' must be a float or a tensor, got {type(tau).__name__}")
+    elif not torch.compiler.is_compiling() and not (math.isfinite(tau) and low <= tau <= high):
         # while compiling, a float tau is symbolic (so a new value does not recompile): unchecked
-        raise ValueError(f"{op}: argument 'tau' must be finite and > 0, got {tau!r}")
+        raise ValueError(f"{op}: argument 'tau' must be {expected}, got {tau!r}")
     if not torch.compiler.is_compiling() and logits.numel() and not bool(torch.isfinite(logits).all()):
         raise ValueError(f"{op}: argument 'logits' must be finite (got inf or NaN): a ±inf logit makes the "
                          "pair difference NaN; pin an allocation with a large finite logit instead")
@@ -242,9 +263,13 @@ class _GumbelSigmoid(torch.autograd.Function):
         return (k.gumbel_pairs_forward if pairs else k.gumbel_sigmoid_forward)(logits, tau, seed, hard)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         logits, tau = ctx.saved_tensors
+        if common.differentiable_backward(grad):     # create_graph=True: differentiate the soft reference (same gradient)
+            ref = gumbel_pairs_reference if ctx.pairs else gumbel_sigmoid_reference
+            (dlogits,) = common.reference_grads(lambda x: ref(x, tau, False, ctx.seed), (logits,),
+                                                ctx.needs_input_grad[:1], (grad,))
+            return dlogits, None, None, None, None, None
         k = _kernels(ctx.backend)
         bwd = k.gumbel_pairs_backward if ctx.pairs else k.gumbel_sigmoid_backward
         return bwd(grad.contiguous(), logits, tau, ctx.seed), None, None, None, None, None
@@ -258,9 +283,12 @@ class _GumbelSoftmax(torch.autograd.Function):
         return _kernels(backend).gumbel_softmax_forward(logits, tau, seed, hard)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         logits, tau = ctx.saved_tensors
+        if common.differentiable_backward(grad):
+            (dlogits,) = common.reference_grads(lambda x: gumbel_softmax_reference(x, tau, False, -1, ctx.seed),
+                                                (logits,), ctx.needs_input_grad[:1], (grad,))
+            return dlogits, None, None, None, None
         return (_kernels(ctx.backend).gumbel_softmax_backward(grad.contiguous(), logits, tau, ctx.seed),
                 None, None, None, None)
 
@@ -273,41 +301,46 @@ class _AllocationCombine(torch.autograd.Function):
         return _kernels(backend).allocation_combine_forward(outputs, z)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         outputs, z = ctx.saved_tensors
+        if common.differentiable_backward(grad):
+            doutputs, dz = common.reference_grads(allocation_combine_reference, (outputs, z),
+                                                  ctx.needs_input_grad[:2], (grad,))
+            return doutputs, dz, None
         doutputs, dz = _kernels(ctx.backend).allocation_combine_backward(grad.contiguous(), outputs, z)
         return doutputs, dz.to(z.dtype), None
 
 
 # ---------------------------------------------------------------------------------------------
-# Public entry points
+# Public entry points. Under torch.autocast they run unchanged (elementwise sampling; autocast does
+# not cast them, and their internals run with it off).
 
 def _sample(logits: torch.Tensor, tau: Tau, hard: bool, generator: Optional[torch.Generator], pairs: bool,
             op: str) -> torch.Tensor:
     _validate(op, logits, tau, pairs)
     seed = _seed_tensor(generator)
     backend = SIGMOID.select(logits)
-    tau_t = _tau_tensor(tau, logits.device)
     x = logits.contiguous()
     if torch.compiler.is_compiling():   # the seed stays a tensor: read inside the opaque op
         if backend == "reference":
             raise backends.BackendUnavailableError(f"{op}: the reference backend does not run under torch.compile "
                                                    "(its noise needs the seed's value); use cpu or triton")
-        return torch.ops.mtlfast.gumbel_sigmoid(x, tau_t, seed, hard, pairs, backend)
-    if backend == "reference":
+        return torch.ops.mtlfast.gumbel_sigmoid(x, _tau_tensor(tau, logits), seed, hard, pairs, backend)
+    if backend == "reference" or common.transforms_active() or not logits.numel():
         ref = gumbel_pairs_reference if pairs else gumbel_sigmoid_reference
         return ref(logits, tau, hard, int(seed))
-    return _GumbelSigmoid.apply(x, tau_t, int(seed), hard, pairs, backend)
+    return _GumbelSigmoid.apply(x, _tau_tensor(tau, logits), int(seed), hard, pairs, backend)
 
 
+@common.autocast("keep")
 def gumbel_sigmoid(logits: torch.Tensor, tau: Tau = 1.0, hard: bool = True,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A Bernoulli(sigmoid(logits)) sample per element with a straight-through gradient.
 
     Args:
         logits: any shape, float; finite (see the module docstring).
-        tau: temperature > 0, float or 0-d tensor.
+        tau: temperature > 0, float or 0-d tensor, a normal number of the compute dtype (float32,
+            float64 for float64 logits): no accepted tau gives inf or NaN.
         hard: 0/1 forward (exactly) with the gradient of the soft value; else the soft value.
         generator: torch.Generator the Philox seed is drawn from (default: torch's).
     Returns:
@@ -317,31 +350,53 @@ def gumbel_sigmoid(logits: torch.Tensor, tau: Tau = 1.0, hard: bool = True,
     return _sample(logits, tau, hard, generator, pairs=False, op="gumbel_sigmoid")
 
 
+@common.autocast("keep")
 def gumbel_pairs(logits: torch.Tensor, tau: Tau = 1.0, hard: bool = True,
                  generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """Gumbel-Matrix's sampler on complementary logit pairs (..., 2) -> (...): 1 where component 0
     wins, distributed as ``F.gumbel_softmax(logits, tau, hard)[..., 0]`` (a difference of two Gumbel
-    variables is logistic), with that gradient; one pass each way for any number of pairs."""
+    variables is logistic), with that gradient; one pass each way for any number of pairs. The pair
+    difference is taken in the compute dtype (float64 for float64 logits)."""
     return _sample(logits, tau, hard, generator, pairs=True, op="gumbel_pairs")
 
 
+def _softmax_dim(logits: torch.Tensor, dim: object) -> int:
+    """``dim`` checked as torch.softmax checks it (a 0-d tensor has dims -1 and 0)."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"gumbel_softmax: argument 'dim' must be an int, got {type(dim).__name__}")
+    n = max(1, logits.dim())
+    if not -n <= dim < n:
+        raise _checks.DimError(f"gumbel_softmax: argument 'dim' must be in [{-n}, {n - 1}] (logits has "
+                               f"{logits.dim()} dims), got {dim}")
+    return dim
+
+
+@common.autocast("keep")
 def gumbel_softmax(logits: torch.Tensor, tau: Tau = 1.0, hard: bool = False, dim: int = -1,
                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``torch.nn.functional.gumbel_softmax`` semantics (hard: one-hot forward, exactly, with the
-    softmax gradient) with counter-based noise and a ``generator``."""
+    softmax gradient) with counter-based noise and a ``generator``. A 0-d tensor is one category
+    (the sample is 1); a hard sample over an empty dim is an error, as in torch."""
     _validate("gumbel_softmax", logits, tau)
-    if not isinstance(dim, int) or not -logits.dim() <= dim < max(1, logits.dim()):
-        raise ValueError(f"gumbel_softmax: argument 'dim' must be in [{-logits.dim()}, {logits.dim()}), got {dim!r}")
+    dim = _softmax_dim(logits, dim)
+    if logits.dim() == 0:
+        return gumbel_softmax(logits.reshape(1), tau, hard, -1, generator).reshape(())
+    if logits.shape[dim] == 0:
+        if hard:
+            raise ValueError(f"gumbel_softmax: argument 'logits' has no category along dim {dim} (shape "
+                             f"{tuple(logits.shape)}): a hard sample needs at least one")
+        return logits * 0       # empty, and still part of the graph
     seed = draw_seed(generator)
     backend = SOFTMAX.select(logits)
-    if backend == "reference" or logits.dim() == 0:
+    if backend == "reference" or common.transforms_active() or not logits.numel():
         return gumbel_softmax_reference(logits, tau, hard, dim, seed)
     moved = logits.movedim(dim, -1)
     flat = moved.reshape(-1, moved.shape[-1]).contiguous()
-    out = _GumbelSoftmax.apply(flat, _tau_tensor(tau, logits.device), seed, hard, backend)
+    out = _GumbelSoftmax.apply(flat, _tau_tensor(tau, logits), seed, hard, backend)
     return out.view(moved.shape).movedim(-1, dim)
 
 
+@common.autocast("keep")
 def allocation_combine(outputs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     """The output of a modular layer: Σ_c z_c · outputs_c / max(1, Σ_c z_c) (0 when nothing is
     allocated), with gradients to the outputs and to z.
@@ -350,11 +405,11 @@ def allocation_combine(outputs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         outputs: (C, ...) the C components' outputs.
         z: (C,) allocations (0/1 samples or soft values).
     Returns:
-        (...) in outputs' dtype, fp32 accumulation.
+        (...) in outputs' dtype, fp32 accumulation (fp64 if either is float64).
     """
     _validate_combine(outputs, z)
     backend = COMBINE.select(outputs, z)
-    if backend == "reference":
+    if backend == "reference" or common.transforms_active() or not outputs.numel():
         return allocation_combine_reference(outputs, z)
     flat = outputs.reshape(outputs.shape[0], -1).contiguous()
     return _AllocationCombine.apply(flat, z, backend).view(outputs.shape[1:])

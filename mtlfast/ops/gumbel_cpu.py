@@ -7,18 +7,15 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast._native import _C, _DTYPE_CODES
-
-
-def _threads() -> int:
-    return torch.get_num_threads()
+from mtlfast._native import _C, capsule as _cap, threads as _threads
 
 
 def _sigmoid_forward(logits: torch.Tensor, tau: torch.Tensor, seed: int, hard: bool, pairs: bool) -> torch.Tensor:
+    """z of logits' shape, or of logits.shape[:-1] for pairs (the native code tells them apart by
+    z's shape). tau at full precision: a float64 tau stays float64 up to the kernel."""
     x = logits.contiguous()
     z = x.new_empty(x.shape[:-1] if pairs else x.shape)
-    _C().gumbel_sigmoid_forward(_DTYPE_CODES[x.dtype], z.numel(), pairs, x.data_ptr(), float(tau), seed, hard,
-                                z.data_ptr(), _threads())
+    _C().gumbel_sigmoid_forward(_cap(x), float(tau), seed, hard, _cap(z), _threads())
     return z
 
 
@@ -27,8 +24,7 @@ def _sigmoid_backward(grad: torch.Tensor, logits: torch.Tensor, tau: torch.Tenso
     x = logits.contiguous()
     grad = grad.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
-    _C().gumbel_sigmoid_backward(_DTYPE_CODES[x.dtype], grad.numel(), pairs, grad.data_ptr(), x.data_ptr(),
-                                 float(tau), seed, dx.data_ptr(), _threads())
+    _C().gumbel_sigmoid_backward(_cap(grad), _cap(x), float(tau), seed, _cap(dx), _threads())
     return dx
 
 
@@ -51,7 +47,7 @@ def gumbel_pairs_backward(grad, logits, tau, seed):
 def uniform(seed: int, n: int) -> torch.Tensor:
     """u (n,) float32 of the Philox stream (seed, 0 .. n-1)."""
     u = torch.empty(n, dtype=torch.float32)
-    _C().philox_uniform(seed, 0, n, u.data_ptr(), _threads())
+    _C().philox_uniform(seed, 0, _cap(u), _threads())
     return u
 
 
@@ -59,7 +55,9 @@ def _soft(logits: torch.Tensor, tau: torch.Tensor, seed: int) -> torch.Tensor:
     """softmax((x + g) / tau) over the last dim of (R, C), in the accumulation dtype."""
     acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
     g = -torch.log(-torch.log(uniform(seed, logits.numel()))).view(logits.shape)
-    return torch.softmax((logits.to(acc) + g.to(acc)) / tau.to(acc), dim=-1)
+    v = logits.to(acc) + g.to(acc)
+    # the max is subtracted before dividing: (v - max) / tau cannot overflow for any tau > 0
+    return torch.softmax((v - v.amax(-1, keepdim=True)) / tau.to(acc), dim=-1)
 
 
 def gumbel_softmax_forward(logits: torch.Tensor, tau: torch.Tensor, seed: int, hard: bool) -> torch.Tensor:

@@ -5,7 +5,9 @@
 - ``triton`` / ``cuda`` backends: fused kernels reading the mask bit-packed; W ⊙ M never exists.
   They run behind the custom op ``mtlfast::masked_linear`` (fake kernel + autograd registered),
   so ``torch.compile(fullgraph=True)`` sees one opaque node and no graph break.
-- ``masked_linear``: validates, picks a backend (mtlfast.backends), dispatches.
+- ``masked_linear``: applies its autocast policy, validates, picks a backend (mtlfast.backends),
+  dispatches; higher-order gradients and torch.func transforms go through the reference
+  (mtlfast/ops/common.py).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from mtlfast import _checks, backends
-from mtlfast.bitmask import packed_mask, pack_mask
+from mtlfast.bitmask import pack
+from mtlfast.ops import common
 
 OP = "masked_linear"
 TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -24,8 +27,10 @@ TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 def masked_linear_reference(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                             bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """x (..., K), weight (N, K), mask bool (N, K), bias (N,) -> (..., N): F.linear(x, weight*mask, bias)."""
-    return F.linear(x, weight * mask, bias)
+    """x (..., K), weight (N, K), mask bool (N, K), bias (N,) -> (..., N): F.linear(x, W_m, bias) with
+    W_m = weight where mask, else 0 (a select, not a product: an inf or NaN weight outside the mask
+    gives 0, not NaN)."""
+    return F.linear(x, common.select(weight, mask), bias)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -99,17 +104,18 @@ def _kernels(backend: str):
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom op (forward, backward, fake kernels, autograd)
+# The custom op (forward, backward, fake kernels, autograd). Masks cross as bool and are packed
+# inside, on every call (triton_kernels/bitmask.py says why nothing is cached).
 
 @torch.library.custom_op("mtlfast::masked_linear", mutates_args=())
-def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor,
+def _masked_linear_op(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                       bias: Optional[torch.Tensor], backend: str) -> torch.Tensor:
-    """x (M, K), weight (N, K), mask_bits (N, ceil(K/32)) int32, bias (N,) -> (M, N)."""
-    return _kernels(backend).masked_linear_forward(x, weight, mask_bits, bias)
+    """x (M, K), weight (N, K), mask (N, K) bool, bias (N,) -> (M, N)."""
+    return _kernels(backend).masked_linear_forward(x, weight, pack(mask), bias)
 
 
 @_masked_linear_op.register_fake
-def _masked_linear_fake(x, weight, mask_bits, bias, backend):
+def _masked_linear_fake(x, weight, mask, bias, backend):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
@@ -128,17 +134,16 @@ def _backward_kernels(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 
 @torch.library.custom_op("mtlfast::masked_linear_backward", mutates_args=())
 def _masked_linear_backward_op(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
-                               mask_bits: torch.Tensor, need_input: bool, need_weight: bool,
+                               mask: torch.Tensor, need_input: bool, need_weight: bool,
                                need_bias: bool, backend: str
                                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dW, dbias); custom ops cannot return None, so a gradient not asked for is empty (0,)."""
-    grads = _backward_kernels(grad_out, x, weight, mask_bits, need_input, need_weight, need_bias, backend)
+    grads = _backward_kernels(grad_out, x, weight, pack(mask), need_input, need_weight, need_bias, backend)
     return tuple(g if g is not None else grad_out.new_empty((0,)) for g in grads)
 
 
 @_masked_linear_backward_op.register_fake
-def _masked_linear_backward_fake(grad_out, x, weight, mask_bits, need_input, need_weight, need_bias,
-                                 backend):
+def _masked_linear_backward_fake(grad_out, x, weight, mask, need_input, need_weight, need_bias, backend):
     # one fresh tensor per output: outputs of a custom op must not alias each other
     return (x.new_empty(x.shape if need_input else (0,)),
             weight.new_empty(weight.shape if need_weight else (0,)),
@@ -146,18 +151,18 @@ def _masked_linear_backward_fake(grad_out, x, weight, mask_bits, need_input, nee
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, mask_bits, bias, backend = inputs
-    ctx.save_for_backward(x, weight, mask_bits)
+    x, weight, mask, bias, backend = inputs
+    ctx.save_for_backward(x, weight, mask)
     ctx.backend = backend
     ctx.has_bias = bias is not None
 
 
 def _backward(ctx, grad_out):
-    x, weight, mask_bits = ctx.saved_tensors
+    x, weight, mask = ctx.saved_tensors
     need_x, need_w, _, need_b, _ = ctx.needs_input_grad
     need_b = need_b and ctx.has_bias
     dx, dw, dbias = torch.ops.mtlfast.masked_linear_backward(
-        grad_out.contiguous(), x, weight, mask_bits, need_x, need_w, need_b, ctx.backend)
+        grad_out.contiguous(), x, weight, mask, need_x, need_w, need_b, ctx.backend)
     return (dx if need_x else None, dw if need_w else None, None, dbias if need_b else None, None)
 
 
@@ -173,25 +178,30 @@ class _MaskedLinearFunction(torch.autograd.Function):
     GPU, so eager calls skip the dispatcher; torch.compile gets the custom op instead."""
 
     @staticmethod
-    def forward(ctx, x, weight, mask_bits, bias, backend):
-        ctx.save_for_backward(x, weight, mask_bits)
+    def forward(ctx, x, weight, mask, bias, backend):
+        bits = pack(mask)
+        ctx.save_for_backward(x, weight, mask, bias, bits)
         ctx.backend = backend
-        ctx.has_bias = bias is not None
-        return _kernels(backend).masked_linear_forward(x, weight, mask_bits, bias)
+        return _kernels(backend).masked_linear_forward(x, weight, bits, bias)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_out):
-        x, weight, mask_bits = ctx.saved_tensors
+        x, weight, mask, bias, bits = ctx.saved_tensors
         need_x, need_w, _, need_b, _ = ctx.needs_input_grad
-        dx, dw, dbias = _backward_kernels(grad_out.contiguous(), x, weight, mask_bits, need_x, need_w,
-                                          need_b and ctx.has_bias, ctx.backend)
+        if common.differentiable_backward(grad_out):     # create_graph=True: differentiate the reference instead
+            dx, dw, _, dbias = common.reference_grads(masked_linear_reference, (x, weight, mask, bias),
+                                                      (need_x, need_w, False, need_b), (grad_out,))
+            return dx, dw, None, dbias, None
+        dx, dw, dbias = _backward_kernels(grad_out.contiguous(), x, weight, bits, need_x, need_w,
+                                          need_b and bias is not None, ctx.backend)
         return dx, dw, None, dbias, None
 
 
+@common.autocast("lower")
 def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``x @ (weight * mask).T + bias`` without materialising ``weight * mask``.
+    """``x @ (weight * mask).T + bias`` without materialising ``weight * mask``; a weight where the
+    mask is False never influences anything (not even an inf or NaN one).
 
     Args:
         x: (..., K) input, float16/bfloat16/float32/float64.
@@ -199,18 +209,19 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
         mask: (N, K) bool; weights where it is False are dropped, and get zero gradient.
         bias: (N,) or None.
     Returns:
-        (..., N), dtype of ``x``.
+        (..., N), dtype of ``x``. Under torch.autocast, as F.linear: x, weight and bias (unless
+        float64) are cast to the autocast dtype first.
     """
     _validate(x, weight, mask, bias)
     backend = DISPATCH.select(x, weight, mask, bias)
-    if backend == "reference":
+    if backend == "reference" or common.transforms_active() or not (x.numel() and weight.numel()):
         return masked_linear_reference(x, weight, mask, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(lead.numel(), x.shape[-1])  # explicit rows: -1 is ambiguous when K == 0
     if bias is not None:
         bias = bias.contiguous()  # kernels index bias with unit stride; N elements, free when already so
     if torch.compiler.is_compiling():
-        out = torch.ops.mtlfast.masked_linear(x2d, weight, pack_mask(mask), bias, backend)
+        out = torch.ops.mtlfast.masked_linear(x2d, weight, mask, bias, backend)
     else:
-        out = _MaskedLinearFunction.apply(x2d, weight, packed_mask(mask), bias, backend)
+        out = _MaskedLinearFunction.apply(x2d, weight, mask, bias, backend)
     return out.reshape(*lead, weight.shape[0])

@@ -22,7 +22,7 @@ from typing import List, Optional, Tuple
 import torch
 
 from mtlfast import _checks, backends
-from mtlfast.bitmask import pack_mask, packed_mask
+from mtlfast.ops import common
 
 OP = "masked_lstm"
 
@@ -64,8 +64,12 @@ def masked_lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index,
         or None; mask_index: (G,) int64 into P, -1 for an unmasked group. lengths: (G, B) int64 (≤ T).
         reverse: (G,) bool.
     Returns:
-        y (G, T, B, H) in x's dtype (zeros at padded steps), h_n and c_n (G, B, H).
+        y (G, T, B, H) in x's dtype (zeros at padded steps), h_n and c_n (G, B, H). A weight outside
+        its group's mask is selected away (never multiplied: an inf or NaN there changes nothing).
     """
+    G, T, B = x.shape[:3]
+    if G == 0 or T == 0:
+        return x.new_zeros((G, T, B, h0.shape[-1])), h0.clone(), c0.clone()
     xs = reverse_within_lengths(x, lengths, reverse)
     outs, h_n, c_n = [], [], []
     for g in range(x.shape[0]):
@@ -73,9 +77,9 @@ def masked_lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index,
         wi, mi = weight_index[g:g + 1], mask_index[g:g + 1]
         w_x, w_h = w_ih.index_select(0, wi)[0], w_hh.index_select(0, wi)[0]
         if masks_ih is not None:
-            w_x = w_x * (masks_ih.index_select(0, mi.clamp(min=0))[0] | (mi < 0))
+            w_x = common.select(w_x, masks_ih.index_select(0, mi.clamp(min=0))[0] | (mi < 0))
         if masks_hh is not None:
-            w_h = w_h * (masks_hh.index_select(0, mi.clamp(min=0))[0] | (mi < 0))
+            w_h = common.select(w_h, masks_hh.index_select(0, mi.clamp(min=0))[0] | (mi < 0))
         bias = 0
         if b_ih is not None:
             bias = b_ih.index_select(0, wi)[0] + b_hh.index_select(0, wi)[0]
@@ -97,9 +101,6 @@ def masked_lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index,
 # The fast path: one orchestration over a backend's kernels
 
 _KERNEL_MODULES = {"cpu": "mtlfast.ops.masked_lstm_cpu", "triton": "mtlfast.ops.masked_lstm_triton"}
-# How each backend's kernels take masks: bool (materialised once per call) or bit-packed words.
-# A plain dict, read while torch.compile traces (importing the kernel module there would not be).
-MASK_FORMAT = {"cpu": "bool", "triton": "bits"}
 
 
 def _kernels(backend: str):
@@ -122,9 +123,9 @@ def _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, mas
     H = w_hh.shape[-1]
     ih = k.prepare(w_ih, weight_index, masks_ih, mask_index)
     hh = k.prepare(w_hh, weight_index, masks_hh, mask_index)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # state and accumulation
+    acc = common.accumulation_dtype(x.dtype)  # state and accumulation
     bias = (b_ih + b_hh).to(acc).index_select(0, weight_index) if b_ih is not None else None
-    xproj = k.project(x.reshape(G, T * B, -1), ih, bias).view(G, T, B, 4 * H)
+    xproj = k.project(x.reshape(G, T * B, x.shape[-1]), ih, bias).view(G, T, B, 4 * H)
     y, h_n, c_n, gates, cells, h_prev = k.forward_recurrence(xproj, h0.to(acc), c0.to(acc), hh, lengths, reverse,
                                                              save)
     return (y.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype)), (h_prev, gates, cells, ih, hh)
@@ -145,7 +146,8 @@ def _layer_backward(backend, need, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, weight
     if need[0]:
         dx = k.grad_input(dg, ih).view(G, T, B, -1).to(x.dtype)
     if need[3]:
-        dw_ih = _group_sum(k.grad_weight(dg, x.reshape(G, T * B, -1), ih), weight_index, w_ih.shape[0]).to(w_ih.dtype)
+        dw_ih = _group_sum(k.grad_weight(dg, x.reshape(G, T * B, x.shape[-1]), ih), weight_index,
+                           w_ih.shape[0]).to(w_ih.dtype)
     if need[4]:
         dw_hh = _group_sum(k.grad_weight(dg, h_prev.reshape(G, T * B, H), hh), weight_index,
                            w_hh.shape[0]).to(w_hh.dtype)
@@ -172,16 +174,18 @@ class _MaskedLSTMLayer(torch.autograd.Function):
         out, (h_prev, gates, cells, ih, hh) = _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
                                                              weight_index, masks_ih, masks_hh, mask_index,
                                                              lengths, reverse, save=any(ctx.needs_input_grad))
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths, reverse, h_prev, gates,
-                              cells)
+        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index,
+                              lengths, reverse, h_prev, gates, cells)
         ctx.backend, ctx.ih, ctx.hh, ctx.has_bias = backend, ih, hh, b_ih is not None
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dy, dh_n, dc_n):
-        x, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths, reverse, h_prev, gates, cells = ctx.saved_tensors
+        saved = ctx.saved_tensors
         n = ctx.needs_input_grad
+        if common.differentiable_backward(dy, dh_n, dc_n):     # create_graph=True: differentiate the reference instead
+            return (None, *common.reference_grads(masked_lstm_layer_reference, saved[:13], n[1:], (dy, dh_n, dc_n)))
+        x, h0, c0, w_ih, w_hh, _, _, weight_index, _, _, mask_index, lengths, reverse, h_prev, gates, cells = saved
         dx, dh0, dc0, dw_ih, dw_hh, db = _layer_backward(
             ctx.backend, (n[1], n[2], n[3], n[4], n[5], n[6] or n[7]), dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh,
             weight_index, mask_index, lengths, reverse, h_prev, gates, cells, ctx.ih, ctx.hh, ctx.has_bias)
@@ -198,7 +202,8 @@ def _layer_op(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.T
               masks_ih: Optional[torch.Tensor], masks_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
               lengths: torch.Tensor, reverse: torch.Tensor, backend: str
               ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (y, h_n, c_n) and, for backward, (h_prev, gates, cells); all fresh and contiguous."""
+    """-> (y, h_n, c_n) and, for backward, (h_prev, gates, cells); all fresh and contiguous. Masks are
+    bool; a backend that reads them packed packs them inside, on every call."""
     out, (h_prev, gates, cells, _, _) = _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index,
                                                        masks_ih, masks_hh, mask_index, lengths, reverse)
     return tuple(t.contiguous() for t in (*out, h_prev, gates, cells))
@@ -209,7 +214,7 @@ def _layer_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks
                 reverse, backend):
     G, T, B, _ = x.shape
     H = w_hh.shape[-1]
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    acc = common.accumulation_dtype(x.dtype)
     return (x.new_empty((G, T, B, H)), x.new_empty((G, B, H)), x.new_empty((G, B, H)),
             x.new_empty((G, T, B, H), dtype=acc), x.new_empty((G, T, B, 4 * H), dtype=acc),
             x.new_empty((G, T, B, H), dtype=acc))
@@ -305,7 +310,7 @@ def _validate(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_h
     _checks.tensor(OP, "w_hh", w_hh, ndim=3, dtypes=(x.dtype,))
     _checks.shape(OP, "w_hh", w_hh, (S, 4 * H, H), "(weight sets, 4*hidden, hidden)")
     for name, value in (("h0", h0), ("c0", c0)):
-        _checks.tensor(OP, name, value, ndim=3, dtypes=_checks.FLOAT_DTYPES)
+        _checks.tensor(OP, name, value, ndim=3, dtypes=(x.dtype,))
         _checks.shape(OP, name, value, (G, B, H), "(groups, batch, hidden)")
     for name, value in (("b_ih", b_ih), ("b_hh", b_hh)):
         if value is not None:
@@ -350,6 +355,7 @@ def _validate(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_h
                              f"and max {int(t.max())}")
 
 
+@common.autocast("lower")
 def masked_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor,
                       w_hh: torch.Tensor, b_ih: Optional[torch.Tensor], b_hh: Optional[torch.Tensor],
                       weight_index: torch.Tensor, masks_ih: Optional[torch.Tensor],
@@ -357,24 +363,22 @@ def masked_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih:
                       reverse: torch.Tensor):
     """One LSTM layer for G groups at once; arguments and returns as
     :func:`masked_lstm_layer_reference`. Gradients of w_ih / w_hh are Σ over the groups using
-    a weight set of mask ⊙ that group's gradient."""
+    a weight set of mask ⊙ that group's gradient. Under torch.autocast the floating inputs (unless
+    float64) are cast to the autocast dtype first, as torch.nn.LSTM's are."""
     _validate(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse)
     return run_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths,
                      reverse)
 
 
+@common.autocast("lower")
 def run_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse):
     """:func:`masked_lstm_layer` without its validation, for callers whose arguments are valid by
-    construction (SparseSharingLSTM): validation reads index ranges on the host, a device sync
-    per layer on a GPU."""
+    construction (SparseSharingLSTM, SluiceLSTM, which validate once per forward): validation reads
+    index ranges on the host, a device sync per layer on a GPU."""
     backend = DISPATCH.select(x)
-    if backend == "reference":
+    if backend == "reference" or common.transforms_active() or not x.numel():
         return masked_lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih,
                                            masks_hh, mask_index, lengths, reverse)
-    if MASK_FORMAT[backend] == "bits":
-        pack = pack_mask if torch.compiler.is_compiling() else packed_mask
-        masks_ih = pack(masks_ih) if masks_ih is not None else None
-        masks_hh = pack(masks_hh) if masks_hh is not None else None
     if torch.compiler.is_compiling():
         return torch.ops.mtlfast.masked_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih,
                                                    masks_hh, mask_index, lengths, reverse, backend)[:3]

@@ -22,7 +22,7 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-from mtlfast._native import _DTYPE_CODES, _C as _native, _ptr
+from mtlfast._native import _C as _native, capsule as _cap, threads as _threads
 
 
 class Weights(NamedTuple):
@@ -34,9 +34,7 @@ class Weights(NamedTuple):
 def _mask_select(src: torch.Tensor, index: Optional[torch.Tensor], masks: Optional[torch.Tensor],
                  mask_index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[g] = src[index[g]] (src[g] without index) where masks[mask_index[g]], else 0."""
-    G = out.shape[0]
-    _native().mask_select(_DTYPE_CODES[out.dtype], G, out[0].numel() if G else 0, src.data_ptr(), _ptr(index),
-                          _ptr(masks), mask_index.data_ptr(), out.data_ptr(), torch.get_num_threads())
+    _native().mask_select(_cap(src), _cap(index), _cap(masks), _cap(mask_index), _cap(out), _threads())
     return out
 
 
@@ -89,10 +87,8 @@ def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, 
     cells, h_prev, gates = ((xproj.new_empty((G, T, B, H)), xproj.new_empty((G, T, B, H)), torch.empty_like(xproj))
                             if save else (None, None, None))
     h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
-    _native().lstm_forward(_DTYPE_CODES[xproj.dtype], G, T, B, H, xproj.data_ptr(), weights.masked.data_ptr(),
-                           h0.data_ptr(), c0.data_ptr(), lengths.data_ptr(), reverse.data_ptr(), hs.data_ptr(),
-                           _ptr(gates), _ptr(cells), _ptr(h_prev), h_n.data_ptr(), c_n.data_ptr(),
-                           torch.get_num_threads())
+    _native().lstm_forward(_cap(xproj), _cap(weights.masked), _cap(h0), _cap(c0), _cap(lengths), _cap(reverse),
+                           _cap(hs), _cap(gates), _cap(cells), _cap(h_prev), _cap(h_n), _cap(c_n), _threads())
     return hs, h_n, c_n, gates, cells, h_prev
 
 
@@ -102,15 +98,12 @@ def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tenso
     """dhs (G, T, B, H): the gradient of hs; gates, cells from forward_recurrence -> dgates
     (G, T, B, 4H) w.r.t. the pre-activations (0 at padded steps), dh0, dc0; time order. One
     native call for every step and group."""
-    G, T, B, H4 = gates.shape
-    H = H4 // 4
     dhs, dh_n, dc_n = dhs.contiguous(), dh_n.contiguous(), dc_n.contiguous()
     gates, cells, c0 = gates.contiguous(), cells.contiguous(), c0.contiguous()
     lengths, reverse = lengths.contiguous(), reverse.contiguous()
     dgates = torch.empty_like(gates)
     dh0, dc0 = torch.empty_like(dh_n), torch.empty_like(dc_n)
-    _native().lstm_backward(_DTYPE_CODES[gates.dtype], G, T, B, H, dhs.data_ptr(), dh_n.data_ptr(),
-                            dc_n.data_ptr(), gates.data_ptr(), cells.data_ptr(), c0.data_ptr(),
-                            weights.masked.data_ptr(), lengths.data_ptr(), reverse.data_ptr(), dgates.data_ptr(),
-                            dh0.data_ptr(), dc0.data_ptr(), torch.get_num_threads())
+    _native().lstm_backward(_cap(dhs), _cap(dh_n), _cap(dc_n), _cap(gates), _cap(cells), _cap(c0),
+                            _cap(weights.masked), _cap(lengths), _cap(reverse), _cap(dgates), _cap(dh0), _cap(dc0),
+                            _threads())
     return dgates, dh0, dc0

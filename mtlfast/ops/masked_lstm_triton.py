@@ -7,6 +7,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from mtlfast.bitmask import pack
 from mtlfast.triton_kernels import masked_lstm as K
 
 
@@ -18,8 +19,9 @@ class Weights(NamedTuple):
     mask_index: torch.Tensor             # (G,), -1 = unmasked
 
 
-def prepare(weight, weight_index, bits, mask_index) -> Weights:
-    return Weights(weight, weight_index, bits, mask_index)
+def prepare(weight, weight_index, masks, mask_index) -> Weights:
+    """masks (P, N, K) bool or None, packed here on every call (one launch; nothing cached)."""
+    return Weights(weight, weight_index, pack(masks) if masks is not None else None, mask_index)
 
 
 def project(x: torch.Tensor, w: Weights, bias: Optional[torch.Tensor]) -> torch.Tensor:

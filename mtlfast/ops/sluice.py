@@ -18,9 +18,10 @@ from typing import Tuple
 import torch
 
 from mtlfast import _checks, backends
+from mtlfast.ops import common
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CPU_DTYPES = (torch.float32, torch.float64)
+_CPU_DTYPES = _checks.FLOAT_DTYPES     # float16 / bfloat16 computed in float32 (ops/sluice_cpu.py)
 _KERNEL_MODULES = {"cpu": "mtlfast.ops.sluice_cpu", "triton": "mtlfast.triton_kernels.sluice"}
 
 
@@ -29,7 +30,7 @@ def _kernels(backend: str):
 
 
 def _acc(*tensors: torch.Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return common.accumulation_dtype(*(t.dtype for t in tensors))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -40,7 +41,7 @@ def alpha_mix_reference(h: torch.Tensor, alpha: torch.Tensor, num_subspaces: int
     h[m, ..., s*d:(s+1)*d], and output chunk i = Σ_j alpha[i, j] · chunk j."""
     M, D, S = h.shape[0], h.shape[-1], num_subspaces
     acc = _acc(h, alpha)
-    chunks = h.reshape(M, -1, S, D // S).to(acc)
+    chunks = h.reshape(M, h.shape[1:-1].numel(), S, D // S).to(acc)     # explicit rows: -1 is ambiguous at D = 0
     out = torch.einsum("asbt,bntd->ansd", alpha.to(acc).view(M, S, M, S), chunks)
     return out.reshape(h.shape).to(h.dtype)
 
@@ -123,7 +124,7 @@ def _register(name: str, cpu_kernel: bool) -> backends.Op:
         if not cpu_kernel:
             return f"no CPU kernel for {name}: torch's matmul (the reference) is the fast CPU path"
         if first.dtype not in _CPU_DTYPES:
-            return f"the cpu {name} takes float32 or float64, got {first.dtype}"
+            return f"the cpu {name} takes floating point input, got {first.dtype}"
         return None
 
     @op.supports("cuda")
@@ -261,9 +262,12 @@ class _AlphaMix(torch.autograd.Function):
         return _kernels(backend).alpha_mix_forward(h, alpha, num_subspaces)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         h, alpha = ctx.saved_tensors
+        if common.differentiable_backward(dout):     # create_graph=True: differentiate the reference instead
+            dh, dalpha = common.reference_grads(lambda a, b: alpha_mix_reference(a, b, ctx.num_subspaces), (h, alpha),
+                                                ctx.needs_input_grad[:2], (dout,))
+            return dh, dalpha, None, None
         dh, dalpha = _kernels(ctx.backend).alpha_mix_backward(dout.contiguous(), h, alpha, ctx.num_subspaces)
         return dh, dalpha.to(alpha.dtype), None, None
 
@@ -276,9 +280,12 @@ class _LayerMix(torch.autograd.Function):
         return _kernels(backend).layer_mix_forward(layers, beta)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
         layers, beta = ctx.saved_tensors
+        if common.differentiable_backward(dout):
+            dlayers, dbeta = common.reference_grads(layer_mix_reference, (layers, beta), ctx.needs_input_grad[:2],
+                                                    (dout,))
+            return dlayers, dbeta, None
         dlayers, dbeta = _kernels(ctx.backend).layer_mix_backward(dout.contiguous(), layers, beta)
         return dlayers, dbeta.to(beta.dtype), None
 
@@ -291,9 +298,12 @@ class _Penalty(torch.autograd.Function):
         return _kernels(backend).orthogonality_penalty_forward(weight, num_subspaces).to(weight.dtype)
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
         (weight,) = ctx.saved_tensors
+        if common.differentiable_backward(grad):
+            (dweight,) = common.reference_grads(lambda w: orthogonality_penalty_reference(w, ctx.num_subspaces),
+                                                (weight,), ctx.needs_input_grad[:1], (grad,))
+            return dweight, None, None
         dweight = _kernels(ctx.backend).orthogonality_penalty_backward(weight, ctx.num_subspaces, grad)
         return dweight.to(weight.dtype), None, None
 
@@ -301,6 +311,7 @@ class _Penalty(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # Public entry points
 
+@common.autocast("lower")
 def alpha_mix(h: torch.Tensor, alpha: torch.Tensor, num_subspaces: int) -> torch.Tensor:
     """Mixes the subspaces of M task representations (a sluice / cross-stitch unit).
 
@@ -310,10 +321,12 @@ def alpha_mix(h: torch.Tensor, alpha: torch.Tensor, num_subspaces: int) -> torch
         num_subspaces: S (1 = cross-stitch).
     Returns:
         (M, ..., D) in h's dtype: output chunk i = Σ_j alpha[i, j] · chunk j (fp32 accumulation).
+        Under torch.autocast it is a matmul: h and alpha (unless float64) are cast to the autocast
+        dtype first.
     """
     _validate_alpha_mix(h, alpha, num_subspaces)
     backend = ALPHA_MIX.select(h, alpha)
-    if backend == "reference":
+    if backend == "reference" or common.transforms_active() or not h.numel():
         return alpha_mix_reference(h, alpha, num_subspaces)
     h3 = h.reshape(h.shape[0], -1, h.shape[-1]).contiguous()
     if torch.compiler.is_compiling():
@@ -323,6 +336,7 @@ def alpha_mix(h: torch.Tensor, alpha: torch.Tensor, num_subspaces: int) -> torch
     return out.view(h.shape)
 
 
+@common.autocast("lower")
 def layer_mix(layers: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """Mixes the K layer outputs of each of M tasks (the sluice beta).
 
@@ -334,7 +348,7 @@ def layer_mix(layers: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """
     _validate_layer_mix(layers, beta)
     backend = LAYER_MIX.select(layers, beta)
-    if backend == "reference":
+    if backend == "reference" or common.transforms_active() or not layers.numel():
         return layer_mix_reference(layers, beta)
     K, M, D = layers.shape[0], layers.shape[1], layers.shape[-1]
     flat = layers.reshape(K, M, -1, D).contiguous()
@@ -345,12 +359,14 @@ def layer_mix(layers: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     return out.view(layers.shape[1:])
 
 
+@common.autocast("fp32")
 def orthogonality_penalty(weight: torch.Tensor, num_subspaces: int) -> torch.Tensor:
     """Σ_{s<s'} ‖G_sᵀ G_s'‖²_F over the S equal row blocks G_s of ``weight`` (R, C): pushes the
-    subspaces a weight produces apart (sluice networks). Returns a 0-d tensor in weight's dtype."""
+    subspaces a weight produces apart (sluice networks). Returns a 0-d tensor in weight's dtype
+    (float32 under torch.autocast: a sum of squares, computed as autocast computes reductions)."""
     _validate_penalty(weight, num_subspaces)
     backend = PENALTY.select(weight)
-    if backend == "reference" or num_subspaces == 1:
+    if backend == "reference" or num_subspaces == 1 or common.transforms_active() or not weight.numel():
         return orthogonality_penalty_reference(weight, num_subspaces)
     weight = weight.contiguous()
     if torch.compiler.is_compiling():

@@ -1,18 +1,25 @@
 """CPU kernels of the sluice mixing ops (csrc/cpu/mixing.cpp): one pass over the inputs per call,
 the mixing-weight gradients reduced per thread in double. Same interface as the Triton launchers
-of mtlfast/triton_kernels/sluice.py. float32 and float64; the mixing weights are used in the
-input's dtype, their gradients come back in float32 (float64 for float64 inputs)."""
+of mtlfast/triton_kernels/sluice.py. The kernels are float32 and float64; float16 and bfloat16
+inputs (what torch.autocast hands them) are computed in float32 and returned in their dtype. The
+mixing weights are used in the compute dtype, their gradients come back in float32 (float64 for
+float64 inputs)."""
 from __future__ import annotations
 
 from typing import Tuple
 
 import torch
 
-from mtlfast._native import _C, _DTYPE_CODES
+from mtlfast._native import _C, capsule as _cap, threads as _threads
 
 
 def _weights(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return w.detach().to(like.dtype).contiguous()
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """t in a dtype the kernels take: float16 / bfloat16 widened to float32 (exactly)."""
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def _grad_dtype(like: torch.Tensor) -> torch.dtype:
@@ -20,45 +27,39 @@ def _grad_dtype(like: torch.Tensor) -> torch.dtype:
 
 
 def alpha_mix_forward(h: torch.Tensor, alpha: torch.Tensor, num_subspaces: int) -> torch.Tensor:
-    """h (M, N, D) contiguous, alpha (MS, MS) -> (M, N, D)."""
-    M, N, D = h.shape
-    out = torch.empty_like(h)
-    alpha = _weights(alpha, h)      # a name holds it: a temporary's memory is freed before the call
-    _C().alpha_mix_forward(_DTYPE_CODES[h.dtype], M, num_subspaces, N, D // num_subspaces, h.data_ptr(),
-                           alpha.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    return out
+    """h (M, N, D) contiguous, alpha (MS, MS) -> (M, N, D). The native code reads S from alpha's
+    shape (num_subspaces is what the other backends take)."""
+    wide = _wide(h)
+    out = torch.empty_like(wide)
+    _C().alpha_mix_forward(_cap(wide), _cap(_weights(alpha, wide)), _cap(out), _threads())
+    return out.to(h.dtype)
 
 
 def alpha_mix_backward(dout: torch.Tensor, h: torch.Tensor, alpha: torch.Tensor,
                        num_subspaces: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> dh (M, N, D), dalpha (MS, MS)."""
-    M, N, D = h.shape
-    dh = torch.empty_like(h)
-    dalpha = h.new_empty(alpha.shape)
-    alpha = _weights(alpha, h)
-    _C().alpha_mix_backward(_DTYPE_CODES[h.dtype], M, num_subspaces, N, D // num_subspaces, dout.data_ptr(),
-                            h.data_ptr(), alpha.data_ptr(), dh.data_ptr(), dalpha.data_ptr(),
-                            torch.get_num_threads())
-    return dh, dalpha.to(_grad_dtype(h))
+    wide = _wide(h)
+    dh = torch.empty_like(wide)
+    dalpha = wide.new_empty(alpha.shape)
+    _C().alpha_mix_backward(_cap(dout.to(wide.dtype)), _cap(wide), _cap(_weights(alpha, wide)), _cap(dh), _cap(dalpha),
+                            _threads())
+    return dh.to(h.dtype), dalpha.to(_grad_dtype(h))
 
 
 def layer_mix_forward(layers: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """layers (K, M, N, D) contiguous, beta (M, K) -> (M, N, D)."""
-    K, M, N, D = layers.shape
-    out = layers.new_empty((M, N, D))
-    beta = _weights(beta, layers)
-    _C().layer_mix_forward(_DTYPE_CODES[layers.dtype], K, M, N, D, layers.data_ptr(), beta.data_ptr(), out.data_ptr(), torch.get_num_threads())
-    return out
+    wide = _wide(layers)
+    out = wide.new_empty(layers.shape[1:])
+    _C().layer_mix_forward(_cap(wide), _cap(_weights(beta, wide)), _cap(out), _threads())
+    return out.to(layers.dtype)
 
 
 def layer_mix_backward(dout: torch.Tensor, layers: torch.Tensor,
                        beta: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """-> dlayers (K, M, N, D), dbeta (M, K)."""
-    K, M, N, D = layers.shape
-    dlayers = torch.empty_like(layers)
-    dbeta = layers.new_empty(beta.shape)
-    beta = _weights(beta, layers)
-    _C().layer_mix_backward(_DTYPE_CODES[layers.dtype], K, M, N, D, dout.data_ptr(), layers.data_ptr(),
-                            beta.data_ptr(), dlayers.data_ptr(), dbeta.data_ptr(),
-                            torch.get_num_threads())
-    return dlayers, dbeta.to(_grad_dtype(layers))
+    wide = _wide(layers)
+    dlayers = torch.empty_like(wide)
+    dbeta = wide.new_empty(beta.shape)
+    _C().layer_mix_backward(_cap(dout.to(wide.dtype)), _cap(wide), _cap(_weights(beta, wide)), _cap(dlayers),
+                            _cap(dbeta), _threads())
+    return dlayers.to(layers.dtype), dbeta.to(_grad_dtype(layers))

@@ -1,7 +1,8 @@
 // Runs csrc/cuda/masked_linear.cu (launches rewritten by tests/test_cuda_emulation.py) on the CPU
 // against a float64 reference: every output element written and right, guard memory untouched,
 // no out-of-bounds or misaligned read. Arg: 0-3 = dtype (fp32, fp16, bf16, fp64) over shapes
-// {1,7,33,130}^3 x random layouts; 10-13 = the same dtypes on shapes that take the vector path.
+// {1,7,33,130}^3 x random layouts; 10-13 = the same dtypes on shapes that take the vector path;
+// 20-23 = the same dtypes with inf and NaN weights outside the mask, every layout.
 #include "cuda_runtime.h"
 #include "cuda_fp16.h"
 #include "cuda_bf16.h"
@@ -92,12 +93,19 @@ Mask make_mask(int64_t N, int64_t K, int pad) {
   return m;
 }
 template <typename T> void reg(Tensor<T>& t) { g_regions.push_back({(const char*)(t.ptr()), ((t.R > 0 && t.C > 0) ? ((t.R - 1) * t.sr + (t.C - 1) * t.sc + 1) : 0) * sizeof(T)}); }
-template <typename T> void run_case(int64_t M, int64_t N, int64_t K, int lx, int lw, int ldy, int mpad, bool bias_on) {
-  char tagb[200]; snprintf(tagb, sizeof tagb, "dt=%d M=%ld N=%ld K=%ld lx=%d lw=%d ldy=%d mpad=%d bias=%d sms=%d", (int)Conv<T>::d, (long)M, (long)N, (long)K, lx, lw, ldy, mpad, bias_on, g_sms);
+// poison: every weight outside the mask is inf, -inf or NaN. The reference never reads them, so
+// any of them reaching an output (as 0 * inf = NaN would) is a mismatch.
+template <typename T> void run_case(int64_t M, int64_t N, int64_t K, int lx, int lw, int ldy, int mpad, bool bias_on, bool poison = false) {
+  char tagb[200]; snprintf(tagb, sizeof tagb, "dt=%d M=%ld N=%ld K=%ld lx=%d lw=%d ldy=%d mpad=%d bias=%d sms=%d poison=%d", (int)Conv<T>::d, (long)M, (long)N, (long)K, lx, lw, ldy, mpad, bias_on, g_sms, poison);
   std::string tag = tagb;
   auto x = make<T>(M, K, lx, true, nullptr); auto w = make<T>(N, K, lw, true, nullptr); auto dy = make<T>(M, N, ldy, true, nullptr);
   auto b = make<T>(1, N, 0, true, nullptr);
   Mask mk = make_mask(N, K, mpad);
+  if (poison) {
+    const double bad[3] = {INFINITY, -INFINITY, std::nan("")};
+    for (int64_t n = 0; n < N; ++n) for (int64_t k = 0; k < K; ++k)
+      if (!mk.at(n, k)) w.buf[w.off + n * w.sr + k * w.sc] = Conv<T>::to(bad[(n + k) % 3]);
+  }
   g_regions.clear(); reg(x); reg(w); reg(dy); if (bias_on) reg(b);
   g_regions.push_back({(const char*)mk.buf.data(), (size_t)(N > 0 ? ((N - 1) * mk.rs + (K + 31) / 32) : 0) * 4});
   g_misaligned = g_oob = g_wmma_bad = 0;
@@ -134,6 +142,15 @@ template <typename T> void run_case(int64_t M, int64_t N, int64_t K, int lx, int
 }
 int main(int argc, char** argv) {
   int which = argc > 1 ? atoi(argv[1]) : -1;
+  if (which >= 20) { int d = which - 20;  // 20-23: inf / NaN weights outside the mask, every layout
+    for (int sms : {1, 100000}) { g_sms = sms;
+      for (auto s : std::vector<std::array<int64_t,3>>{{40,72,96},{7,130,33},{33,7,130}})
+        for (int l = 0; l < 5; ++l) { bool bo = l % 2;
+          if (d == 0) run_case<float>(s[0], s[1], s[2], l, l, (l + 2) % 5, 1, bo, true);
+          if (d == 1) run_case<__half>(s[0], s[1], s[2], l, l, (l + 2) % 5, 1, bo, true);
+          if (d == 2) run_case<__nv_bfloat16>(s[0], s[1], s[2], l, l, (l + 2) % 5, 1, bo, true);
+          if (d == 3) run_case<double>(s[0], s[1], s[2], l, l, (l + 2) % 5, 1, bo, true); } }
+    printf("runs=%d fails=%d vec_launches=%ld\n", runs, fails, g_vec); return fails != 0; }
   if (which >= 10) { int d = which - 10;
     for (int sms : {1, 100000}) { g_sms = sms;
       for (auto s : std::vector<std::array<int64_t,3>>{{40,72,96},{130,33,7},{7,130,33},{33,7,130},{136,136,64},{16,264,40}})
