@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mtlfast-installed
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: setup test bench info clean
+.PHONY: setup test test-fast bench info clean
 
 setup: $(STAMP)
 
@@ -20,6 +20,11 @@ $(STAMP): requirements-dev.txt requirements-thirdparty.txt $(NATIVE_SOURCES)
 
 test: setup
 	$(BIN)/python -m pytest tests
+
+# The inner loop: everything but the tests tests/conftest.py marks slow (AOT compilation, the CUDA
+# emulation, the examples, subprocesses, large samples); under 3 minutes on a 2-core CPU machine.
+test-fast: setup
+	$(BIN)/python -m pytest tests -m "not slow"
 
 bench: setup
 	$(BIN)/python -m bench

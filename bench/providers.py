@@ -9,7 +9,6 @@ run the inputs gives a reason instead.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ContextManager
@@ -17,6 +16,7 @@ from typing import Any, ContextManager
 import torch
 
 from bench import registry
+from mtlfast.backends import triton_interpreter_enabled
 from bench.registry import OpBench
 
 BASELINES: tuple[str, ...] = ("eager", "compile", "dense")
@@ -73,17 +73,29 @@ def _compile(spec: OpBench, args: tuple, device: torch.device) -> Built:
     return Built(torch.compile(spec.eager, dynamic=False))
 
 
+def _reasons(spec: OpBench, args: tuple) -> dict:
+    """Per backend, why it cannot run the workload (None: it can): the first reason among the
+    library ops it runs."""
+    import mtlfast.backends
+
+    if not spec.library_ops:
+        return mtlfast.backends.reasons(spec.op, *args)
+    first = next(a for a in args if isinstance(a, torch.Tensor))
+    per_op = [mtlfast.backends.reasons(op, first) for op in spec.library_ops]
+    return {b: next((r[b] for r in per_op if r[b]), None) for b in per_op[0]}
+
+
 def _backend(name: str) -> Callable[[OpBench, tuple, torch.device], Built]:
     def build(spec: OpBench, args: tuple, device: torch.device) -> Built:
-        if name == "triton" and os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-            return Built(reason="TRITON_INTERPRET is set: interpreted Triton kernels are not timed")
         try:
             import mtlfast
             import mtlfast.backends
 
+            if name == "triton" and mtlfast.backends.triton_interpreter_enabled():
+                return Built(reason="TRITON_INTERPRET is set: interpreted Triton kernels are not timed")
             fn = spec.mtlfast()
-            reasons = mtlfast.backends.reasons(spec.op, *args)
-        except Exception as exc:  # library absent or incomplete: the baselines still run
+            reasons = _reasons(spec, args)
+        except Exception as exc:  # an op missing from this build: the other providers still run
             return Built(reason=f"mtlfast unavailable: {type(exc).__name__}: {exc}")
         if name not in reasons:
             return Built(reason=f"mtlfast has no backend {name!r} for {spec.op}")

@@ -52,7 +52,7 @@ class OpBench:
         float tensors that should get gradients in ``fwd+bwd`` have ``requires_grad`` set.
     eager(*args): what a user writes in plain PyTorch (also the correctness oracle).
     dense(*args) or None: the same shape without the op's extra work (roofline reference).
-    mtlfast() -> the public mtlfast function (imported lazily: the library may be absent).
+    mtlfast() -> the public mtlfast function (imported lazily, when the provider is built).
     flops(params, mode) -> floating point operations of one call in ``mode``.
     eager_name: the provider name of ``eager`` (e.g. "eager-loop" where several eager
         formulations are timed).
@@ -60,6 +60,9 @@ class OpBench:
     random: the op samples (e.g. Gumbel noise): every provider draws from its own random stream,
         so none is compared with eager sample by sample; all are timed, with a null ``rel_err``
         and a ``note`` saying why.
+    library_ops: the mtlfast ops (``mtlfast.backends.reasons`` names) the provider runs, when
+        ``op`` names a whole model rather than one op (default: ``op`` itself); a backend runs
+        the workload when it runs every one of them on the workload's first tensor.
     sample_check(args, outputs) -> str, or None: for a random op, a cheap statistic of each
         provider's sample checked instead (e.g. all 0/1, mean near the probability); raises
         ``bench.check.WrongResult`` when it fails (an error record, not a time) and returns what
@@ -76,6 +79,7 @@ class OpBench:
     variants: Mapping[str, Callable[..., Any]] = field(default_factory=dict)
     random: bool = False
     sample_check: Callable[[tuple, tuple[torch.Tensor, ...]], str] | None = None
+    library_ops: tuple[str, ...] = ()
 
 
 _OPS: dict[str, OpBench] = {}

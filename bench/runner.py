@@ -7,7 +7,9 @@ from typing import Any
 import torch
 from torch.utils._pytree import tree_leaves
 
-from bench import check, envinfo, peaks, providers, records, registry, timer
+from mtlfast import info
+
+from bench import check, peaks, providers, records, registry, timer
 from bench.cases import Case, Settings
 
 Result = tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]  # (outputs, gradients)
@@ -65,7 +67,7 @@ class Runner:
         self.settings = settings
         self.device = settings.torch_device
         self.timer = timer.Timer(self.device, timer.QUICK if settings.quick else timer.DEFAULT)
-        self.env = envinfo.environment(self.device.type)
+        self.env = info.environment(self.device.type)
         self.peak = peaks.lookup(self.env["device_name"]) if self.device.type == "cuda" else None
         self.records: list[dict[str, Any]] = []
         self._eager: tuple[tuple, Result] | None = None  # one slot: cases come grouped

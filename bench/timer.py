@@ -1,6 +1,7 @@
-"""The one timer: warm-up, round planning, wall time through pytest-benchmark, CUDA events.
+"""The benchmark's timer: warm-up, round planning, wall time through pytest-benchmark, CUDA events.
 
-Wall time is per call and includes a device synchronisation on CUDA (what a caller waits for).
+A synchronised call is timed by ``mtlfast._timing`` (the one wall-clock timer, also used by
+``mtlfast.profile``). Wall time is per call and includes a device synchronisation on CUDA (what a caller waits for).
 On CUDA the kernel time is also measured with CUDA events recorded around each call, the calls
 launched back to back with one synchronisation at the end (GPU timeline per call; inputs stay
 cache-warm, as the weights of an LSTM do across time steps).
@@ -8,12 +9,13 @@ cache-warm, as the weights of an LSTM do across time steps).
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
+
+from mtlfast import _timing
 
 WALL = "wall"
 CUDA_EVENT = "cuda_event"
@@ -38,6 +40,7 @@ class Timer:
     """Times zero-argument callables on one device."""
 
     def __init__(self, device: torch.device, plan: Plan) -> None:
+        self.device = device
         self.cuda = device.type == "cuda"
         # first CUDA calls pay for handles, autotuning and lazy module loading
         self.plan = replace(plan, min_warmup_calls=max(plan.min_warmup_calls, 3)) if self.cuda else plan
@@ -49,16 +52,11 @@ class Timer:
 
     def sync(self) -> None:
         """Wait for queued device work."""
-        if self.cuda:
-            torch.cuda.synchronize()
+        _timing.sync(self.device)
 
     def timed_call(self, step: Callable[[], Any]) -> tuple[Any, float]:
         """One synchronised call: its result and its wall time in seconds."""
-        self.sync()
-        start = time.perf_counter()
-        result = step()
-        self.sync()
-        return result, time.perf_counter() - start
+        return _timing.timed_call(step, self.device)
 
     def warm_up(self, step: Callable[[], Any], spent_s: float, last_s: float, calls: int = 1) -> float:
         """Call ``step`` until the plan's warm-up is spent; return the last call's seconds.

@@ -12,9 +12,9 @@
 #include <vector>
 
 #include "buffers.h"
-#include "cpu/lstm_recurrence.h"
+#include "cpu/masked_lstm.h"
 #include "cpu/gumbel.h"
-#include "cpu/mixing.h"
+#include "cpu/sluice.h"
 
 #ifdef MTLFAST_WITH_CUDA
 #include <cuda_runtime.h>
@@ -550,29 +550,29 @@ PYBIND11_MODULE(_C, m) {
   m.def("lstm_forward", &lstm_forward, py::arg("xproj"), py::arg("w"), py::arg("h0"), py::arg("c0"),
         py::arg("lengths"), py::arg("reverse"), py::arg("hs"), py::arg("gates"), py::arg("cells"), py::arg("h_prev"),
         py::arg("h_n"), py::arg("c_n"), py::arg("threads"),
-        "Every step of G x B LSTM rows on CPU, recurrent matmul and cell fused (csrc/cpu/lstm_recurrence.h). "
+        "Every step of G x B LSTM rows on CPU, recurrent matmul and cell fused (csrc/cpu/masked_lstm.h). "
         "xproj, gates (G, T, B, 4H); hs, cells, h_prev (G, T, B, H); w (G, 4H, H); h0, c0, h_n, c_n (G, B, H), "
         "float32 or float64; lengths (G, B) int64 in [0, T]; reverse (G,) bool; gates, cells, h_prev all None "
         "for inference");
   m.def("lstm_backward", &lstm_backward, py::arg("dhs"), py::arg("dh_n"), py::arg("dc_n"), py::arg("gates"),
         py::arg("cells"), py::arg("c0"), py::arg("w"), py::arg("lengths"), py::arg("reverse"), py::arg("dgates"),
         py::arg("dh0"), py::arg("dc0"), py::arg("threads"),
-        "Backward of lstm_forward (csrc/cpu/lstm_recurrence.h); shapes as there, dgates (G, T, B, 4H)");
+        "Backward of lstm_forward (csrc/cpu/masked_lstm.h); shapes as there, dgates (G, T, B, 4H)");
   m.def("mask_select", &mask_select, py::arg("src"), py::arg("index"), py::arg("masks"), py::arg("mask_index"),
         py::arg("out"), py::arg("threads"),
         "out (G, N, K)[g] = src[index[g]] (src[g] when index is None) where masks[mask_index[g]], else 0; "
         "mask_index (G,) in [-1, P), -1 or masks None: unmasked; out may be src itself when index is None "
-        "(csrc/cpu/lstm_recurrence.h)");
+        "(csrc/cpu/masked_lstm.h)");
   m.def("alpha_mix_forward", &alpha_mix_forward, py::arg("h"), py::arg("alpha"), py::arg("out"), py::arg("threads"),
-        "Sluice alpha mixing on CPU: h, out (M, N, S*d), alpha (M*S, M*S) (csrc/cpu/mixing.h)");
+        "Sluice alpha mixing on CPU: h, out (M, N, S*d), alpha (M*S, M*S) (csrc/cpu/sluice.h)");
   m.def("alpha_mix_backward", &alpha_mix_backward, py::arg("dout"), py::arg("h"), py::arg("alpha"), py::arg("dh"),
-        py::arg("dalpha"), py::arg("threads"), "dh and dalpha of alpha_mix_forward (csrc/cpu/mixing.h)");
+        py::arg("dalpha"), py::arg("threads"), "dh and dalpha of alpha_mix_forward (csrc/cpu/sluice.h)");
   m.def("layer_mix_forward", &layer_mix_forward, py::arg("layers"), py::arg("beta"), py::arg("out"),
         py::arg("threads"),
-        "Sluice beta (layer) mixing on CPU: layers (K, M, N, D), beta (M, K), out (M, N, D) (csrc/cpu/mixing.h)");
+        "Sluice beta (layer) mixing on CPU: layers (K, M, N, D), beta (M, K), out (M, N, D) (csrc/cpu/sluice.h)");
   m.def("layer_mix_backward", &layer_mix_backward, py::arg("dout"), py::arg("layers"), py::arg("beta"),
         py::arg("dlayers"), py::arg("dbeta"), py::arg("threads"),
-        "dlayers and dbeta of layer_mix_forward (csrc/cpu/mixing.h)");
+        "dlayers and dbeta of layer_mix_forward (csrc/cpu/sluice.h)");
   m.def("philox_uniform", &philox_uniform, py::arg("seed"), py::arg("offset0"), py::arg("out"), py::arg("threads"),
         "out (float32, any shape, flat order) = u in (0, 1) of the Philox stream (seed, offset0 + i), as Triton's "
         "tl.randint (csrc/cpu/gumbel.h)");

@@ -12,6 +12,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
+from mtlfast.info import environment
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -50,8 +52,6 @@ def write(name: str, figures: dict[str, Any], plot: Callable[[dict[str, Any]], A
           seconds: float) -> tuple[Path, Path]:
     """``out/NAME.json`` (the figures, the arguments, the run time and the environment) and
     ``out/NAME.png`` (``plot(figures)`` returns a matplotlib Figure)."""
-    from bench.envinfo import environment
-
     args.out.mkdir(parents=True, exist_ok=True)
     record = {"example": name, "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
               "seconds": round(seconds, 2), "environment": environment(torch.device(args.device).type),

@@ -1,107 +1,26 @@
 """Gumbel-Matrix routing on synthetic pairs of tasks: Maziarz et al., "Flexible Multi-task
-Networks by Learning Parameter Allocation" (arXiv 1910.04915; first circulated as "Gumbel-Matrix
-Routing for Flexible Multi-task Learning"), synthetic experiment, with mtlfast's GumbelMatrix and
-ModularLayer. ``python -m examples.gumbel_task_pairs [--steps N] [--seed S] [--device D]``.
+Networks by Learning Parameter Allocation" (arXiv 1910.04915), the synthetic experiment, with
+mtlfast's ``GumbelMatrix`` and ``ModularLayer``.
 
-Setup
------
-Data: the generator of Ma et al. (2018, MMoE) that the paper uses. u1, u2 orthonormal in R^128
-(QR of a Gaussian matrix), w1 = c·u1, w2 = c(ρ u1 + √(1-ρ²) u2); x ~ N(0, I);
-y = wᵀx + Σ_{i=1..6} sin(α_i wᵀx + β_i) + ε, c = 1, m = 6, α_i = i, β_i = (i-1)², ε ~ N(0, 0.01)
-(variance 0.01, so the noise floor of the MSE is 0.01).
+Claim: the tasks of a pair end with the same allocation and tasks of different pairs with
+different ones, the learned allocation's held-out loss ends below no sharing, and the learned task
+similarity grows with the tasks' correlation ρ.
 
-Four tasks in two pairs: tasks 0 and 1 use w_A, tasks 2 and 3 use w_B, cos(w_A, w_B) = ρ = 0 (the
-two vectors of the generator at ρ = 0). The tasks of a pair are the same up to noise: same w,
-independent x and ε. Every task draws its own fresh batch each step (the generator is an
-infinite stream; there is no fixed training set); held-out losses are on 2048 other examples per
-task from a separate generator.
+Setup: the generator of Ma et al. (2018, MMoE): x ~ N(0, I) in R^128, y = wᵀx +
+Σ_{i=1..6} sin(i·wᵀx + (i-1)²) + ε, Var(ε) = 0.01, fresh batches every step. Four tasks in two
+pairs: tasks 0, 1 use w_A, tasks 2, 3 use w_B, cos(w_A, w_B) = 0. One ``ModularLayer`` of 4
+components (Linear(128, 16)-ReLU-Linear(16, 16)-ReLU-Linear(16, 1)), no task heads;
+``GumbelMatrix(4, [4])`` (p_init 0.5, τ = 1, no budget) samples every task's allocation each step,
+evaluation takes the greedy one. Loss: the mean of the tasks' MSEs on 64 examples each; Adam,
+lr 0.01 (the logits through ``optimizer_param_group``), gradient norm clipped to 1; 3000 steps.
+Fixed-allocation baselines: ``no_sharing`` (8 components, two per task), ``one_each``, ``pairs``,
+``full``. The ρ sweep trains two tasks at ρ = 0, 0.5, 1, three seeds each, and reads
+``GumbelMatrix.task_similarity()``. A seed fixes the task vectors, the initialisation, the data and
+the Gumbel noise.
 
-Network: one ``mnn.ModularLayer`` of 4 components and no task heads; a component is "3 fully
-connected layers" read as three Linear layers, Linear(128, 16)-ReLU-Linear(16, 16)-ReLU-Linear(16, 1)
-(two hidden layers of 16 units, one output unit that is the task's prediction); a task's output is
-the mean of its allocated components' outputs (ModularLayer). One ``mnn.GumbelMatrix(4, [4])``
-samples every task's allocation each step (``sample_all``: hard 0/1 forward, straight-through
-gradient); evaluation takes its greedy allocation (eval mode, P(used) > 0.5).
-
-Training: loss = mean over the tasks of each task's MSE on its 64 examples; Adam, lr 0.01 for the
-components; the allocation logits through ``GumbelMatrix.optimizer_param_group(0.01)``, i.e. lr
-0.01 × number of tasks (mtlfast's default scale, after the paper); one global gradient norm
-(components and logits together) clipped to 1. GumbelMatrix as constructed by default: p_init 0.5,
-τ = 1 fixed (no temperature schedule), no budget penalty. 3000 steps by default. A seed fixes the
-task vectors, the initialisation of the components, the data stream and the Gumbel noise; every
-model of one seed starts from the same components and sees the same batches.
-
-Decisions and assumptions
--------------------------
-- The paper's optimiser and schedule could not be checked here (only its abstract was reachable):
-  Adam, lr 0.01, batch 64 per task and clipping at 1 are the brief's; Adam is an assumption.
-- "The no-sharing pattern (each task two fixed components)": with 4 components and 4 tasks no
-  allocation gives every task two components without sharing one, so ``no_sharing`` reads it
-  literally with the same kind of layer: a ModularLayer of 8 identical components with the fixed
-  allocation task t -> {2t, 2t+1}. Every task then has the capacity of the pair pattern (two
-  components of its own) and shares nothing; the model has twice the learned model's parameters.
-  This is the baseline of the expected result. For context, on the 4-component layer itself:
-  ``one_each`` (task t -> {t}, the only allocation that shares nothing and uses every component),
-  ``pairs`` (w_A's tasks -> {0, 1}, w_B's -> {2, 3}: the pattern the structure calls for) and
-  ``full`` (every task every component: hard sharing).
-- A fixed allocation trains its ModularLayer in eval mode, which does not run the 0-allocated
-  components: in train mode they would get an exactly zero gradient, which Adam turns into no
-  update, so the run is the same (tests/test_example_gumbel_task_pairs.py checks it) at half the
-  cost.
-- "Same allocation" compares the greedy 0/1 rows exactly; "different allocations" means every
-  task of one pair has a row different from every task of the other (overlap allowed; the number
-  of components used by both pairs is reported as ``components_shared_across_pairs``).
-- ρ sweep: two tasks (w1, w2 of the generator at ρ = 0, 0.5, 1), the same 4-component network
-  with GumbelMatrix(2, [4]) (logit lr 0.02), three seeds per ρ (seed, seed + 1, seed + 2; a seed
-  gives the same u1, u2, initialisation and data stream at every ρ); the similarity is
-  ``GumbelMatrix.task_similarity()[0, 1]`` (cosine of the greedy allocations) at the end, also
-  traced during training. corr(y1, y2) is reported beside ρ: it is how related the labels are.
-
-Expected (the brief's reading of the paper)
--------------------------------------------
-Tasks of a pair end with the same allocation, tasks of different pairs with different ones, the
-learned allocation's held-out loss ends below no sharing, and the learned task similarity grows
-with ρ.
-
-Found (3000 steps; ``examples/results/gumbel_task_pairs.json``)
----------------------------------------------------------------
-Seed 0: the learned greedy allocation is {0, 1, 3} for both w_A tasks and {0, 2} for both w_B
-tasks (P(used) saturated at 0.00 / 1.00): the tasks of a pair agree exactly, the pairs differ but
-share component 0. Held-out MSE (noise floor 0.01; every curve still falling at 3000 steps):
-learned 0.211, no_sharing 0.382, one_each 0.401, pairs pattern 0.323, full sharing 3.146. The
-three pair results also held for seeds 1, 2, 3 at 3000 steps (learned 0.19 / 0.22 / 0.21 against
-no sharing 0.32 / 0.32 / 0.36; the pairs disjoint for seed 2 only) and at 1200 steps for seeds 1-5
-(seed 0's pair splits on a component near P = 0.5 with some CPUs' kernels). The learned model
-starts slower (random early allocations) and overtakes no sharing between steps ~600 and ~1200.
-It even beats the hand-made pairs pattern: it gives a pair three components, one shared with the
-other pair, whose private components compensate; sharing one component across unrelated tasks
-costs little here, sharing every component (full) is what fails.
-
-ρ sweep: at ρ = 1 both tasks use all four components for every seed (similarity 1), above ρ = 0
-(0.67, 0.41, 0.67; mean 0.58), but ρ = 0.5 ends at the same mean 0.58 (0.67, 0.67, 0.41): the
-similarity grows from 0.5 to 1, not from 0 to 0.5. During training ρ = 0.5 shares more at first
-(mean 0.78 at step 150) and separates later. Traced causes (not the layer: its samples and
-straight-through gradients are checked against references in tests/test_gumbel.py):
-(i) ρ = 0.5 tasks are weakly related: corr(y1, y2) = 0.31 (the sines, α up to 6, decorrelate
-wᵀx), and hard sharing still costs several times the loss of private components (two tasks on
-all four components: MSE 2.3-2.4 at ρ = 0.5, 3.3-3.5 at ρ = 0; two private components each:
-0.3-0.5);
-(ii) at ρ = 0 a partial overlap is barely penalised (learned, overlapping: 0.57 / 0.33 / 0.33 for
-seeds 0-2; fixed disjoint {0, 1} / {2, 3}: 0.42 / 0.39 / 0.53);
-(iii) the router commits early: with τ = 1 fixed and the logits at lr 0.02 the greedy allocation
-settles within a few hundred steps (the similarity trace is flat from step 300 at ρ = 0 and moves
-twice more at ρ = 0.5) and P(used) ends saturated, so at ρ = 0.5 the overlap it kept is
-worse than a disjoint pattern (0.46 / 0.57 / 0.69 against 0.40 / 0.48 / 0.31). A diagnostic run
-outside this script with a 4x slower router (logit lr scale 0.25) ends ordered (mean similarity
-0.22 at ρ = 0, 0.49 at ρ = 0.5) at a higher loss (0.59-0.65 at ρ = 0);
-(iv) the cosine of four binary entries takes few values.
-So "similarity grows with ρ" holds here as ρ = 1 against ρ < 1 only; between 0 and 0.5 it
-depends on how fast the router commits. The script reports it as found and was not tuned.
-
-Run time: 211 s with OMP_NUM_THREADS=2 on two shared AMD EPYC cores under a load of ~4 (~125 s
-on one thread, load ~2.5). ``train`` runs with one intra-op thread (see
-``one_intra_op_thread``): the ops are tiny, and under load two threads made a 64 x 128 -> 16
-Linear 300x slower. tests/test_example_gumbel_task_pairs.py runs a reduced version.
+Run: ``python -m examples.gumbel_task_pairs [--steps N] [--seed S] [--device D]`` (writes
+``examples/results/gumbel_task_pairs.{json,png}``). Findings, and why the setup is what it is:
+``examples/README.md``.
 """
 from __future__ import annotations
 
@@ -156,7 +75,8 @@ def component(features: int) -> nn.Module:
 
 
 def fixed_allocation(pattern: str, num_tasks: int = 4) -> torch.Tensor:
-    """The fixed (T, C) allocations compared with the learned one (4 tasks, see the docstring)."""
+    """The fixed (T, C) allocations compared with the learned one (4 tasks; examples/README.md
+    says why ``no_sharing`` has 8 components)."""
     if pattern == "no_sharing":          # two components of its own per task: an 8-component layer
         return torch.eye(num_tasks).repeat_interleave(2, dim=1)
     if pattern == "one_each":            # the 4-component layer, one component of its own per task

@@ -1,78 +1,24 @@
-"""Sluice networks, the Copy / Random experiment (Ruder, Bingel, Augenstein and Søgaard 2019,
-"Latent Multi-task Architecture Learning", AAAI; arXiv 1705.08142): a main task A and an
-auxiliary task B share a sluice network whose α starts at equal weights. When B is a copy of A,
-A should keep taking from B as much as from itself; when B is a random relabelling of the same
-sentences, A should learn to ignore it: α_BA/α_AA should drop quickly under Random and stay level
-under Copy. And the subspace orthogonality penalty should go to (near) zero when it is weighted.
+"""Sluice networks, the Copy / Random experiment: Ruder, Bingel, Augenstein and Søgaard 2019,
+"Latent Multi-task Architecture Learning" (AAAI; arXiv 1705.08142), with mtlfast's ``SluiceLSTM``.
 
-Setup (every choice is ours unless the paper fixes it)
-- Main task A: tagging the hidden states of a random HMM (K = 5 tags, V = 20 tokens, sentences of
-  L = 20; uniform start, transition rows Dirichlet(0.5), emission rows Dirichlet(0.3), drawn per
-  seed). Chosen over a deterministic window function because that one is learned perfectly in
-  ~100 steps, after which A's loss, and with it every gradient on α, vanishes (we tried: α stops
-  moving). HMM tags stay ambiguous: A's loss stays away from zero for the whole run, and the
-  Bayes-optimal accuracy (forward-backward posterior with the true HMM) is reported as its ceiling.
-- Auxiliary task B: Copy = A's tags; Random = a tag drawn uniformly per token, independent of the
-  input, drawn once per dataset (a fixed relabelling of the same 2000 training sentences, which
-  the network cannot memorise at this size: B's loss stays at ln 5).
-- Model: a shared nn.Embedding(20, 32), one ``mtlfast.nn.SluiceLSTM(32, 32, num_tasks=2,
-  num_layers=3, num_subspaces=2)`` (bidirectional, layer_mix="stitch": learned β, as in the
-  paper) with ``alpha_init="balanced"``: every α entry 1/(M·S) = 1/4, so every row of every α
-  gives equal weight to all four subspaces (the module's default "imbalanced" gives 0.9 of each
-  row to the task's own subspaces and is not "equal weights"). A linear head per task on its
-  SluiceLSTM output (2·32 units). Task 0 is A, task 1 is B.
-- Training: Adam (lr 3e-3), batches of 32 sentences from the training set in shuffled epochs,
-  loss = CE_A + CE_B (+ w · ``SluiceLSTM.orthogonality_penalty()``), 800 steps (~13 epochs;
-  longer runs overfit A). Runs at w = 0 and w = 0.01, for seeds 0, 1, 2 (``--seed`` shifts them).
-  Within a seed, all four runs share the dataset, the initialisation and the batch order, so
-  Copy and Random are compared pairwise.
+Claim: a main task A and an auxiliary task B share a sluice network whose α starts at equal
+weights. When B is a copy of A, A keeps taking from B as much as from itself; when B is a random
+relabelling of the same sentences, A learns to ignore it: α_BA/α_AA drops quickly under Random and
+stays level under Copy. Weighted, the subspace orthogonality penalty goes to (near) zero.
 
-Which α entries. ``alpha_mix`` (the SluiceMixer's forward): chunk i = m·S + s is subspace s of
-task m, and output chunk i = Σ_j α[i, j] · input chunk j: row = the receiving chunk, column = the
-source. "What A takes from B" is the block α[A rows, B columns] = alpha[0:S, S:2S] (we read the
-paper's α_BA as "from B into A"; the original code also multiplies α on the left of the stacked
-chunks, so its rows are receivers too), "what A takes from itself" is α_AA =
-alpha[0:S, 0:S]. With S = 2 subspaces the blocks are 2×2; the ratio is Σ α_BA / Σ α_AA (equal to
-the ratio of the block means), 1 at the balanced init. It is computed per layer (``block_ratio``);
-the headline ``ratio`` is its mean over the three layers, averaged over seeds. The transposed
-quantity (what B takes from A relative to itself) is logged too (``aux_from_main_by_layer``).
+Setup: A tags the hidden states of a random HMM (5 tags, 20 tokens, sentences of 20; the
+forward-backward accuracy is A's ceiling); B is A's tags (Copy) or a uniform tag per token drawn
+once per dataset (Random), on the same 2000 training sentences. Model: a shared Embedding(20, 32)
+-> ``SluiceLSTM(32, 32, num_tasks=2, num_layers=3, num_subspaces=2)`` (bidirectional, learned β,
+``alpha_init="balanced"``: every α entry 1/4) -> a linear head per task. Loss CE_A + CE_B
+(+ w · ``orthogonality_penalty()``), Adam lr 3e-3, batches of 32, 800 steps, at w = 0 and 0.01,
+seeds seed .. seed + 2; within a seed every run shares the data, the initialisation and the batch
+order. α_BA/α_AA is Σ alpha[0:S, S:2S] / Σ alpha[0:S, 0:S] per layer (rows receive, columns
+send); the headline ratio is its mean over the layers, averaged over the seeds.
 
-Expected-result checks (thresholds fixed before the full run): ``random_below_copy`` (mean final
-ratio, Random < Copy - 0.05), ``random_below_copy_every_seed``, ``random_drops`` (Random < 0.9),
-``copy_level`` (|Copy - 1| < 0.1), per penalty weight; the penalty with w > 0 ends below 1% of its
-start and below 1% of the same run's unweighted value.
-
-What we found (the full run's numbers are in ``examples/results/sluice_copy_random.json``)
-- Layer 0 cannot show the effect, by symmetry. The input is shared, so swapping the two tasks'
-  layer-0 LSTMs together with α_0's two column blocks leaves the network's function unchanged,
-  whatever α is; with α_0 balanced and the LSTMs initialised i.i.d., the two are exchangeable
-  through training (Adam and SGD are permutation-equivariant). So the layer-0 ratio ends at r as
-  often as at 1/r, for Copy and Random alike: at balanced init, "A's own layer-0 subspaces" are a
-  label, not a property. A deeper layer k would need α_{k-1}'s row blocks swapped as well, and β
-  forbids it (those rows are what each task's classifier reads), so only layers >= 1 can tell
-  B's subspaces from A's. tests/test_example_sluice.py checks the symmetry exactly.
-- In one layer >= 1 the effect is clear and seed-consistent: over six seeds (0-5, w = 0) the top
-  layer's final ratio was 0.42-0.73 under Random against 0.80-1.46 under Copy, lower under Random
-  in every seed; with w = 0.01 it moved to the middle layer (Random 0.28-0.81 against Copy
-  0.87-1.05, lower in every seed), the top layer then showing no consistent difference. Why it moves
-  with the penalty we have not established.
-- Averaged over layers (the headline), the effect is diluted by the uninformative layer 0 and the
-  other layer: mean final ratio over those six seeds 0.87 (Random) against 0.99 (Copy) at w = 0,
-  0.92 against 1.05 at w = 0.01; at w = 0 one seed of the six has Random above Copy. The drop is
-  gradual (steady over the ~13 epochs), not "quick"; Copy's ratio is level only on average (single
-  layers of single seeds drift to 0.8 or 1.5).
-- The penalty: from ~255 at initialisation to < 1 within 100 steps at w = 0.01 (0.2-0.6 at the
-  end), while unweighted it grows to thousands (Adam grows the weights); the main task's held-out
-  accuracy is not hurt. NB: mtlfast penalises each LSTM's input-to-hidden weight with its rows
-  grouped by subspace (see ``SluiceLSTM.orthogonality_penalty``); the original code penalised the
-  hidden-to-hidden and peephole matrices (constrain_matrices=[1, 2] of DyNet's LSTM).
-- The default run (seeds 0-2, 152 s on 2 idle CPU threads): mean final ratio Random 0.875 vs Copy
-  0.934 at w = 0 (seed 2 the other way round), 0.955 vs 1.087 at w = 0.01; Copy - Random by layer
-  +0.01 -0.09 +0.26 (w = 0) and -0.04 +0.23 +0.20 (w = 0.01); penalty 254 -> 0.24-0.53 weighted,
-  -> ~3500 unweighted. Checks: random_below_copy yes (both w), copy_level yes (both), random_drops
-  yes at w = 0 and NO at w = 0.01, random_below_copy_every_seed NO at w = 0; penalty checks yes.
-So: the claim holds in the paired, pooled sense and per layer above the first; "quickly" and a
-clean per-seed headline do not, and layer 0 can never carry it under the balanced init.
+Run: ``python -m examples.sluice_copy_random [--steps N] [--seed S] [--device D]`` (writes
+``examples/results/sluice_copy_random.{json,png}``). Findings, and why the setup is what it is:
+``examples/README.md``.
 """
 from __future__ import annotations
 
@@ -113,7 +59,7 @@ class Config:
     lr: float = 3e-3
     penalty_weight: float = 0.01         # the positive weight of the penalised runs
     log_every: int = 20
-    # thresholds of the expected-result booleans (fixed before the full run, see the docstring)
+    # thresholds of the expected-result booleans (examples/README.md)
     ratio_margin: float = 0.05
     level_tolerance: float = 0.1
     penalty_fraction: float = 0.01
@@ -294,7 +240,7 @@ def run(steps: int = STEPS, seed: int = 0, device: torch.device = torch.device("
             "random_drops": rand["final_ratio"] < 1.0 - cfg.level_tolerance,
             "copy_level": abs(copy["final_ratio"] - 1.0) < cfg.level_tolerance,
         }
-        # where the difference sits (not a check: layer 0 is symmetric, see the docstring)
+        # where the difference sits (not a check: layer 0 is symmetric, see examples/README.md)
         copy["gap_by_layer"] = [c - r for c, r in zip(copy["final_ratio_by_layer"], rand["final_ratio_by_layer"])]
     if any(weights) and 0.0 in weights:
         pos = [w for w in weights if w]

@@ -1,106 +1,26 @@
-"""Sparse sharing against negative transfer (Sun et al. 2020, "Learning Sparse Sharing Architectures
-for Multiple Tasks", AAAI), the synthetic experiment with an unrelated auxiliary task.
+"""Sparse sharing against negative transfer: Sun et al. 2020, "Learning Sparse Sharing
+Architectures for Multiple Tasks" (AAAI), the synthetic experiment with an unrelated auxiliary task.
 
-Claim (as this experiment states it): when a main task is trained together with an *unrelated*
-auxiliary task, hard sharing (one dense network for both) lowers the main task's accuracy against
-the single-task model (negative transfer), while sparse sharing (each task on its own binary-masked
-subnet of the base network, masks from iterative magnitude pruning) does not.
+Claim: trained together with an unrelated auxiliary task, hard sharing (one dense network for both
+tasks) lowers the main task's accuracy against single task (negative transfer); sparse sharing
+(each task on its own binary-masked subnet of the base network, masks from iterative magnitude
+pruning) does not.
 
-Run: ``python -m examples.sparse_sharing_negative_transfer [--steps N] [--seed S] [--device D]``;
-writes ``examples/results/sparse_sharing_negative_transfer.{json,png}``.
+Setup: the main task tags sentences of 30 tokens from a random 40-state, 100-word HMM with their
+hidden states (the forward-backward accuracy is the Bayes ceiling); the auxiliary task predicts
+each token's position. Frozen random 50-d embeddings -> ``mtlfast.nn.SparseSharingLSTM`` (1 layer,
+bidirectional, hidden 50, 2 tasks) -> a linear head per task. Settings: single task; hard sharing
+(every mask True, both tasks in one ``task="all"`` call, summed loss); sparse sharing
+(``mtlfast.pruning.sparse_sharing_masks``: a hard-shared warm-up of a quarter of the steps, then per
+task 5 IMP rounds to density 0.1 with rewind to the warm-up weights, the best dev round kept, then
+both tasks trained jointly on their subnets); a control, the main task alone on its sparse subnet.
+Each setting's final architecture trains ``steps`` steps (Adam, lr 3e-3, batches of 32 fresh
+sentences); accuracies are on 1000 held-out sentences. ``--seed`` fixes the HMM, the data and the
+initial weights; ``Config`` holds every size.
 
-Setup
------
-* Main task: sequence labelling on sentences drawn from a random hidden Markov model with 40
-  hidden states and 100 words; the label of each token is its hidden state. Transition and
-  emission rows are Dirichlet(0.1) draws (peaked: a word is emitted by a few states, so the label
-  depends on the context; word-only decoding scores about half of what the HMM's own
-  forward-backward decoding scores). The forward-backward accuracy (the Bayes ceiling of any
-  tagger) is reported as ``bayes_accuracy``.
-* Auxiliary task, unrelated: on the same sentences, predict each token's position (0..29; all
-  sentences have 30 tokens, so no cap is needed and the task has 30 classes).
-* Model: fixed (not trained) random 50-d embeddings (``nn.Embedding``'s N(0, 1) init) ->
-  ``mtlfast.nn.SparseSharingLSTM`` (1 layer, bidirectional, hidden 50, 2 tasks) -> one linear head
-  per task on the 100-d output. The embeddings are frozen so that everything the tasks share is
-  inside the LSTM, where the masks act (a trained shared embedding would be a hard-shared layer in
-  every setting, sparse sharing included).
-* Single task: that model, only the main task trained (its mask all True = a dense torch.nn.LSTM).
-* Hard sharing: the same model, every mask all True, both tasks trained on one forward call
-  (``task="all"``: every task's subnet, here the same dense network) with the summed loss.
-* Sparse sharing: ``mtlfast.pruning.sparse_sharing_masks``: multi-task warm-up (hard sharing, a
-  quarter of the step budget), then per task iterative magnitude pruning with rewind to the
-  warm-up weights: 5 rounds to a final density of 0.1 (37% of the remaining weights per round,
-  global magnitude ranking over the four weight matrices, biases not masked), each round training
-  that task alone for a fifth of the step budget from the rewound weights (and its head from the
-  warm-up head), scored by dev accuracy; the library keeps the best-scoring round (ties: the
-  sparser). Then both tasks are trained jointly, each on its own subnet, in one ``task="all"``
-  forward call with the summed loss, from the warm-up weights.
-* Control (not in the paper): the main task alone on its sparse-sharing subnet, from the same
-  warm-up weights and for the same steps. Sparse sharing minus this control is the negative
-  transfer that still passes through the weights the two subnets share.
-* Budget: the final architecture of every setting trains for ``steps`` steps: single and hard
-  from the initial weights, sparse sharing (and the control) from the warm-up weights, so the
-  warm-up counts, like the rewound IMP rounds, as the mask search's cost (the paper trains every
-  model to convergence, where the two conventions agree). The main weights' accuracy after
-  ``steps`` updates in all, warm-up included, is reported too (``main_accuracy_equal_updates``).
-  Adam (lr 3e-3), batch 32, a fresh optimizer per phase, one backward per step.
-* Data: every training batch is 32 fresh sentences from the HMM (an endless stream, so no setting
-  can overfit; the final trainings of all settings see the same stream). IMP scores on 500 dev
-  sentences; every reported accuracy is the token accuracy on 1000 other held-out test sentences
-  after the last step (no early stopping). The HMM, the data and the initial weights (the same for
-  every setting) follow from ``--seed``.
-
-Decisions and why
------------------
-* Capacity: the paper's point is that an unrelated task competes for the shared network's
-  capacity. With a 20-state HMM the hard-sharing gap was 0.067 after 300 steps but closed to 0.024
-  after 3000 (the 2 x 50 hidden units have room for the HMM's belief state and a position
-  counter); with 40 states (a belief over 40 states per direction against 50 hidden units) it was
-  0.10 after 300 steps and still 0.046 after 3000 (40-token sentences). 40 states make the
-  competition real, and the hard-sharing gap persist at this budget.
-* A fixed training set of 2000 sentences overfit after ~600 steps (single-task accuracy fell from
-  0.822 to 0.788, hard sharing less): a confound unrelated to capacity, hence the endless stream.
-* Hard sharing as ``task="all"`` with identical all-True masks computes the dense LSTM twice; its
-  gradient is that of one shared encoder with two heads and the summed loss (checked: the joint
-  gradient equals the sum of the per-task ones), and it runs the same code path as sparse sharing.
-* Tasks are trained in parallel on the summed loss of one batch (the same sentences carry both
-  labels), not by alternating task batches.
-* The final density (0.1 in 5 rounds) was fixed before the final runs; a final density of 0.3 in 4
-  rounds gave the same sparse-sharing accuracy within 0.003 (seed 0, an earlier budget convention).
-
-Expected result (the paper) and what this reproduction finds
--------------------------------------------------------------
-Negative transfer under hard sharing: reproduced. "Sparse sharing does not lower the main task":
-reproduced only in part: sparse sharing removes 67-74% of hard sharing's loss but stays 1.3-1.7
-points below single task (``sparse_not_below_single``, tolerance 0.01, is False). Main-task test
-accuracy after 2000 steps (Bayes ceiling / single / hard / sparse / control; sparse after 2000
-updates in all):
-
-  seed 0: 0.700 / 0.602 / 0.557 / 0.588 / 0.594; 0.583
-  seed 1: 0.674 / 0.578 / 0.517 / 0.562 / 0.571; 0.557
-  seed 2: 0.683 / 0.583 / 0.531 / 0.566 / 0.573; 0.561
-
-Where the rest goes:
-
-* The masks are nested, not disjoint. Magnitude pruning from one shared warm-up keeps weights that
-  are large for both tasks: the auxiliary subnet (density 0.1, the sparsest round; the position
-  task scores 1.0 at every density) lies 96-97% inside the main subnet (density 0.63, the best dev
-  round): overlap ratio 0.15, against 0.09 for independent masks of those densities and 0.16 for
-  full containment (``aux_inside_main``).
-* About half of the residual is the starting point: the main task alone on its subnet from the
-  warm-up weights (the control) is already 0.007-0.010 below single task (a quarter of the budget
-  spent on the hard-shared warm-up, then a subnet of 63% of the weights).
-* The other half passes through the shared weights: sparse sharing is 0.005-0.008 below the
-  control. In a smaller configuration (16 states, hidden 16) freezing the LSTM biases, which
-  SparseSharingLSTM does not mask (they are hard-shared by design), shrank this part only from
-  0.02-0.03 to 0.016-0.018: the channel is mainly the shared weights.
-
-The layer does what it should here (joint ``task="all"`` gradients equal the sum of the per-task
-ones and are exactly zero outside the masks' union), the setup is budget-limited (every curve still
-rises at 2000 steps), and the claim holds in a weaker form: sparse sharing with IMP masks avoids
-most, not all, of the negative transfer that hard sharing shows here. The test
-(tests/test_example_sparse_sharing.py) asserts that weaker form and keeps the paper's stronger one
-as an expected failure.
+Run: ``python -m examples.sparse_sharing_negative_transfer [--steps N] [--seed S] [--device D]``
+(writes ``examples/results/sparse_sharing_negative_transfer.{json,png}``). Findings, and why the
+setup is what it is: ``examples/README.md``.
 """
 from __future__ import annotations
 
@@ -252,8 +172,6 @@ class Experiment:
             logits = model(x, tasks)
             loss = sum(F.cross_entropy(lg.flatten(0, 1), ys[t].to(self.device).flatten())
                        for lg, t in zip(logits, tasks))
-            # set_to_none=True: one backward per step, never accumulated (see the test's note on
-            # SparseSharingLSTM's bias gradients on the cpu backend)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

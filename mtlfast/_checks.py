@@ -2,6 +2,8 @@
 expected and what was given, so a user can fix the call without reading kernel code."""
 from __future__ import annotations
 
+import numbers
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -65,3 +67,29 @@ def shape(op: str, name: str, value: torch.Tensor, expected: Sequence[int], why:
         hint = f" ({why})" if why else ""
         raise ValueError(f"{op}: argument '{name}' must have shape {tuple(expected)}{hint}, "
                          f"got {tuple(value.shape)}")
+
+
+def integer(op: str, name: str, value: object, low: Optional[int] = None, stop: Optional[int] = None) -> int:
+    """Checks that ``value`` is an int (not a bool) in [low, stop) (either bound optional); returns
+    it. A non-int is a TypeError, an int out of range a ValueError, as torch.nn.LSTM raises them."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: argument '{name}' must be an int, got {type(value).__name__} {value!r}")
+    if (low is not None and value < low) or (stop is not None and value >= stop):
+        bounds = (f"in [{low}, {stop})" if low is not None and stop is not None
+                  else f">= {low}" if low is not None else f"< {stop}")
+        raise ValueError(f"{op}: argument '{name}' must be an int {bounds}, got {value!r}")
+    return int(value)
+
+
+def real(op: str, name: str, value: object, low: float, high: float,
+         low_closed: bool = True, high_closed: bool = False) -> float:
+    """Checks that ``value`` is a real number (not a bool) in the interval; returns it as a float.
+    A non-number is a TypeError, a number outside the interval a ValueError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{op}: argument '{name}' must be a real number, got {type(value).__name__}")
+    x = float(value)
+    inside = ((x >= low) if low_closed else (x > low)) and ((x <= high) if high_closed else (x < high))
+    if not inside:
+        interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
+        raise ValueError(f"{op}: argument '{name}' must be in {interval}, got {value!r}")
+    return x

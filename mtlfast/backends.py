@@ -158,30 +158,25 @@ def use_backend(name: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------
 # Per-op dispatch
 
+# Fastest first, per device type; a backend without a kernel for an op says so as its reason.
+# Other device types run the reference.
+PREFERENCE: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cuda", "reference"), "cpu": ("cpu", "reference")}
+
+
 class Op:
-    """An op's backends: for each, a check of the inputs (None = runs them), and the order of
-    preference per device type (fastest first)."""
+    """An op's backends: for each, a check of the inputs (None = runs them); automatic selection
+    takes the first in :data:`PREFERENCE` that can."""
 
     def __init__(self, name: str, device_of: Callable[..., torch.device],
-                 preference: dict[str, tuple[str, ...]],
+                 checks: dict[str, Callable[..., Reason]],
                  selection_key: Optional[Callable[..., object]] = None) -> None:
         """``selection_key(*args)``, when given, is everything the checks depend on (say device and
         dtype): the choice is then computed once per key instead of on every call."""
         self.name = name
         self.device_of = device_of
-        self.preference = preference
         self.selection_key = selection_key
-        self.checks: dict[str, Callable[..., Reason]] = {}
+        self.checks = {_check_name(b): check for b, check in checks.items()}
         self._chosen: dict[object, str] = {}
-
-    def supports(self, backend: str) -> Callable[[Callable[..., Reason]], Callable[..., Reason]]:
-        """Decorator: registers ``check(*args) -> reason or None`` for ``backend``."""
-        _check_name(backend)
-
-        def register(check: Callable[..., Reason]) -> Callable[..., Reason]:
-            self.checks[backend] = check
-            return check
-        return register
 
     def reason(self, backend: str, *args) -> Reason:
         reason = device_reason(backend, self.device_of(*args))
@@ -217,7 +212,7 @@ class Op:
                     f"inputs: {reason}. Backends that can: {', '.join(others) or 'none'}")
             return forced
         device_type = self.device_of(*args).type
-        for name in self.preference.get(device_type, ("reference",)):
+        for name in PREFERENCE.get(device_type, ("reference",)):
             if self.reason(name, *args) is None:
                 return name
         return "reference"

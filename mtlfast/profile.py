@@ -7,9 +7,6 @@ allocates, and the top kernels (operators on a CPU) by time; ``.table()`` sets t
 with ratios and ``.save(dir)`` writes the figures as JSON and a Chrome trace per side.
 ``count_launches(fn, *inputs)`` is the launch count alone, for tests and the benchmark report.
 
-``python -m mtlfast.profile WORKLOAD`` does this for a workload of the benchmark registry
-(``bench/``, in a checkout of mtlfast): its eager formulation against mtlfast.
-
 What is counted, exactly:
 
 - kernel launches (GPU): every device activity the profiler sees in the call (kernels, memcpy,
@@ -24,13 +21,10 @@ What is counted, exactly:
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,6 +34,8 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile as torch_profile
 from torch.utils._pytree import tree_leaves
+
+from mtlfast._timing import sync as _sync, wall_times as _wall_times
 
 _WHERE = "mtlfast.profile"
 _KERNELS = "kernel launches"
@@ -114,24 +110,6 @@ def _call(name: str, fn: Callable[..., Any], inputs: Sequence[Any], backward: bo
             del parts
         del out
     return call
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _wall_times(call: Callable[[], None], device: torch.device, warmup: int, iters: int) -> list[float]:
-    for _ in range(warmup):
-        call()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        start = time.perf_counter()
-        call()
-        _sync(device)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,80 +373,3 @@ def compare(fn_a: Callable[..., Any], fn_b: Callable[..., Any], *inputs: Any,
     sides = [_profile_side(label, name, fn, inputs, device, bool(backward), warmup, iters, profiled_calls, top)
              for label, name, fn in ((label_a, "fn_a", fn_a), (label_b, "fn_b", fn_b))]
     return Comparison(sides[0], sides[1], bool(backward))
-
-
-# ---------------------------------------------------------------------------------------------
-# python -m mtlfast.profile WORKLOAD
-
-def _registry():
-    try:
-        from bench import registry
-    except ImportError as exc:
-        raise SystemExit(f"{_WHERE}: the workloads live in the benchmark registry (bench/ of an mtlfast checkout); "
-                         f"run this from the checkout's root ({exc})") from None
-    return registry
-
-
-def workload_functions(name: str, mode: str, device: torch.device, dtype: torch.dtype, baseline: Optional[str],
-                       backend: Optional[str]) -> tuple[str, Callable[..., Any], Callable[..., Any], tuple]:
-    """(baseline name, baseline fn, mtlfast fn, inputs) of a registered workload."""
-    registry = _registry()
-    try:
-        (workload, *more) = registry.find([name])
-    except ValueError as exc:
-        raise SystemExit(f"{_WHERE}: {exc}") from None
-    if more:
-        raise SystemExit(f"{_WHERE}: {name!r} names several workloads ({workload.key}, "
-                         f"{', '.join(w.key for w in more)}); give op/name")
-    reason = workload.unsupported_reason(device.type)
-    if reason:
-        raise SystemExit(f"{_WHERE}: {workload.key} does not run on {device.type}: {reason}")
-    spec = registry.op(workload.op)
-    choices = {spec.eager_name: spec.eager, **spec.variants}
-    baseline = baseline or spec.eager_name
-    if baseline not in choices:
-        raise SystemExit(f"{_WHERE}: unknown baseline {baseline!r} for {workload.op}; valid: {', '.join(choices)}")
-    inputs = spec.make_inputs(workload.params, device, dtype, mode == "fwd+bwd", 0)
-    fast = spec.mtlfast()
-    if backend is not None:
-        import mtlfast
-
-        plain = fast
-
-        def fast(*args: Any) -> Any:
-            with mtlfast.use_backend(backend):
-                return plain(*args)
-    return baseline, choices[baseline], fast, inputs
-
-
-def main(argv: Optional[Sequence[str]] = None) -> Comparison:
-    p = argparse.ArgumentParser(prog="python -m mtlfast.profile",
-                                description="Profile a benchmark workload eager against mtlfast, side by side.")
-    p.add_argument("workload", help="a workload of the benchmark registry, e.g. conll03, sluice-step, omniglot")
-    p.add_argument("--mode", choices=("fwd", "fwd+bwd"), default="fwd+bwd")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
-                   help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--baseline", default=None, help="the eager formulation (default: the op's eager; e.g. eager-lstm)")
-    p.add_argument("--backend", default=None, help="force an mtlfast backend (default: automatic choice)")
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--iters", type=int, default=10)
-    p.add_argument("--top", type=int, default=8)
-    p.add_argument("--out", type=Path, default=None, help="also write comparison.json and the traces here")
-    args = p.parse_args(argv)
-    device = torch.device(args.device)
-    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
-    baseline, slow, fast, inputs = workload_functions(args.workload, args.mode, device, dtype, args.baseline,
-                                                      args.backend)
-    result = compare(slow, fast, *inputs, labels=(baseline, "mtlfast"), backward=args.mode == "fwd+bwd",
-                     warmup=args.warmup, iters=args.iters, top=args.top)
-    print(f"{args.workload} ({args.mode}, {dtype}, {torch.get_num_threads()} threads)")
-    print(result.table())
-    if args.out is not None:
-        paths = result.save(args.out)
-        print("written: " + ", ".join(str(x) for x in paths.values()))
-    return result
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])

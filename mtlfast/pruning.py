@@ -31,11 +31,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from numbers import Integral, Real
+from numbers import Integral
 from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+from mtlfast import _checks
 
 __all__ = [
     "PruningRound",
@@ -61,28 +63,6 @@ RewindTo = Union[str, Mapping[str, Tensor]]
 
 # --------------------------------------------------------------------------- argument checks
 
-def _real(op: str, name: str, value: object, low: float, high: float,
-          low_closed: bool = True, high_closed: bool = False) -> float:
-    """Checks that ``value`` is a real number in the interval; returns it as a float."""
-    if isinstance(value, bool) or not isinstance(value, Real):
-        raise TypeError(f"{op}: argument '{name}' must be a real number, got {type(value).__name__}")
-    x = float(value)
-    inside = ((x >= low) if low_closed else (x > low)) and ((x <= high) if high_closed else (x < high))
-    if not inside:
-        interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
-        raise ValueError(f"{op}: argument '{name}' must be in {interval}, got {value!r}")
-    return x
-
-
-def _count(op: str, name: str, value: object, minimum: int = 1) -> int:
-    """Checks that ``value`` is an int ``>= minimum``; returns it."""
-    if isinstance(value, bool) or not isinstance(value, Integral):
-        raise TypeError(f"{op}: argument '{name}' must be an int, got {type(value).__name__}")
-    if value < minimum:
-        raise ValueError(f"{op}: argument '{name}' must be >= {minimum}, got {value}")
-    return int(value)
-
-
 def _scope(op: str, scope: object) -> str:
     if scope not in SCOPES:
         raise ValueError(f"{op}: argument 'scope' must be one of {SCOPES}, got {scope!r}")
@@ -103,12 +83,7 @@ def _check_model(op: str, model: object) -> None:
 
 
 def _task(op: str, name: str, model: Any, task: object) -> int:
-    if isinstance(task, bool) or not isinstance(task, Integral):
-        raise TypeError(f"{op}: argument '{name}' must be an int, got {type(task).__name__}")
-    if not 0 <= task < model.num_tasks:
-        raise ValueError(f"{op}: argument '{name}' must be in [0, {model.num_tasks}) "
-                         f"(model.num_tasks), got {task}")
-    return int(task)
+    return _checks.integer(op, name, task, 0, model.num_tasks)
 
 
 def _names(op: str, model: Any, names: Optional[Sequence[str]]) -> list[str]:
@@ -223,7 +198,7 @@ def magnitude_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], f
         position.
     """
     op = "magnitude_masks"
-    fraction = _real(op, "fraction", fraction, 0.0, 1.0)
+    fraction = _checks.real(op, "fraction", fraction, 0.0, 1.0)
     scope = _scope(op, scope)
     if not isinstance(params, Mapping):
         raise TypeError(f"{op}: argument 'params' must be a dict of name -> tensor, "
@@ -247,8 +222,8 @@ def prune_rate(final_density: float, rounds: int) -> float:
 
     ``final_density`` must be in ``(0, 1]``, ``rounds`` an int ``>= 1``.
     """
-    d = _real("prune_rate", "final_density", final_density, 0.0, 1.0, low_closed=False, high_closed=True)
-    n = _count("prune_rate", "rounds", rounds)
+    d = _checks.real("prune_rate", "final_density", final_density, 0.0, 1.0, low_closed=False, high_closed=True)
+    n = _checks.integer("prune_rate", "rounds", rounds, 1)
     return 1.0 - d ** (1.0 / n)
 
 
@@ -385,7 +360,7 @@ def select_best(rounds: Sequence[PruningRound], *, atol: float = 0.0) -> Pruning
     op = "select_best"
     if isinstance(rounds, PruningRound) or not isinstance(rounds, Sequence) or not rounds:
         raise ValueError(f"{op}: argument 'rounds' must be a non-empty list of PruningRound, got {rounds!r}")
-    atol = _real(op, "atol", atol, 0.0, math.inf)
+    atol = _checks.real(op, "atol", atol, 0.0, math.inf)
     pool = [r for r in rounds if not math.isnan(r.score)] or list(rounds)
     best = max((r.score for r in pool), default=math.nan)
     tied = [r for r in pool if math.isnan(best) or r.score >= best - atol]
@@ -426,22 +401,22 @@ def _schedule(op: str, scope: str, rounds: Optional[int], rate: Optional[float],
         raise ValueError(f"{op}: give exactly one of 'rate' (per round) and 'final_density' "
                          f"(with 'rounds'); got rate={rate!r}, final_density={final_density!r}")
     if rounds is not None:
-        rounds = _count(op, "rounds", rounds)
+        rounds = _checks.integer(op, "rounds", rounds, 1)
     if min_density is not None:
-        min_density = _real(op, "min_density", min_density, 0.0, 1.0)
+        min_density = _checks.real(op, "min_density", min_density, 0.0, 1.0)
     if rate is not None:
-        rate = _real(op, "rate", rate, 0.0, 1.0, low_closed=False)
+        rate = _checks.real(op, "rate", rate, 0.0, 1.0, low_closed=False)
         if rounds is None and min_density is None:
             raise ValueError(f"{op}: with 'rate', give 'rounds' or 'min_density' to stop; got neither")
     else:
-        final_density = _real(op, "final_density", final_density, 0.0, 1.0, low_closed=False)
+        final_density = _checks.real(op, "final_density", final_density, 0.0, 1.0, low_closed=False)
         if rounds is None:
             raise ValueError(f"{op}: argument 'rounds' is required with 'final_density', got None")
     return _Schedule(scope, rounds, rate, final_density, min_density)
 
 
 def _steps(op: str, steps_per_round: Optional[int]) -> Optional[int]:
-    return None if steps_per_round is None else _count(op, "steps_per_round", steps_per_round, 0)
+    return None if steps_per_round is None else _checks.integer(op, "steps_per_round", steps_per_round, 0)
 
 
 def _score(op: str, eval_fn: EvalFn, model: torch.nn.Module, task: int) -> float:

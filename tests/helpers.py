@@ -1,24 +1,23 @@
 """Shared test machinery: the per-dtype tolerance table, one comparison of outputs and every
-gradient against a reference, and the backends this machine can exercise."""
+gradient against a reference, the backends this machine can exercise, and the stand-in for
+pytest-benchmark's fixture that the benchmark-harness tests hand to bench's runner. (The
+independent oracles of the references are in tests/oracles.py.)"""
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import time
+import types
+from typing import Callable, Optional, Sequence, Tuple
 
 import pytest
 import torch
 
 import mtlfast
 from mtlfast import backends
+from mtlfast.ops.definition import DEFAULT_TOLERANCES, definitions
 
-# (atol, rtol) for a kernel's result in `dtype` against the reference computed in float64 from
-# the same inputs. Low precision is dominated by rounding the fp32 accumulator to the output type
-# (fp16 ε = 9.8e-4, bf16 ε = 7.8e-3), so tolerances sit a few ε above that.
-TOLERANCES = {
-    torch.float64: (1e-10, 1e-10),
-    torch.float32: (1e-4, 1e-4),
-    torch.float16: (3e-3, 3e-3),
-    torch.bfloat16: (2e-2, 2e-2),
-}
+# (atol, rtol) of a result in `dtype` against the float64 reference: the ops' one table
+# (mtlfast/ops/definition.py), or an op's own with ``op=``.
+TOLERANCES = DEFAULT_TOLERANCES
 
 LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -26,21 +25,27 @@ LOW_PRECISION = (torch.float32, torch.float16, torch.bfloat16)
 def backend_params(device: torch.device, names: Sequence[str] = backends.BACKENDS):
     """pytest params over backends; one that cannot run on this machine is a visible skip with
     its reason (never a pass)."""
-    params = []
-    status = mtlfast.available_backends()
-    for name in names:
-        reason = status[name]
-        if reason is None and name == "cpu" and device.type != "cpu":
-            reason = "the cpu backend runs CPU tensors and the tests run on CUDA"
-        if reason is None and name == "cuda" and device.type != "cuda":
-            reason = "tests run on CPU"
-        marks = [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
-        params.append(pytest.param(name, marks=marks, id=name))
-    return params
+    return [pytest.param(name, marks=backend_skip(name, device), id=name) for name in names]
 
 
-def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str) -> None:
-    atol, rtol = TOLERANCES[dtype]
+def backend_skip(name: str, device: torch.device) -> list:
+    """pytest marks that skip backend ``name`` with its reason when it cannot run tests on ``device``."""
+    reason = mtlfast.available_backends()[name]
+    if reason is None and name == "cpu" and device.type != "cpu":
+        reason = "the cpu backend runs CPU tensors and the tests run on CUDA"
+    if reason is None and name == "cuda" and device.type != "cuda":
+        reason = "tests run on CPU"
+    return [pytest.mark.skip(reason=f"{name}: {reason}")] if reason else []
+
+
+def tolerance(dtype: torch.dtype, op: Optional[str] = None) -> Tuple[float, float]:
+    """(atol, rtol) for a result in ``dtype``: op ``op``'s table, else the ops' default one."""
+    return definitions()[op].tolerance(dtype) if op is not None else TOLERANCES[dtype]
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtype, what: str,
+                 op: Optional[str] = None) -> None:
+    atol, rtol = tolerance(dtype, op)
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
                                msg=lambda m: f"{what} ({dtype}): {m}")
@@ -72,3 +77,19 @@ def compare_with_reference(fn: Callable[..., torch.Tensor], reference: Callable[
             assert a.grad is not None, f"input {i} got no gradient"
             assert a.grad.dtype == a.dtype
             assert_close(a.grad, b.grad, dtype, f"gradient of input {i}")
+
+
+class FakeBenchmark:
+    """The part of pytest-benchmark's ``benchmark`` fixture that bench's Runner uses: ``group``,
+    ``extra_info`` and ``pedantic``, which records per-call wall times in ``stats.stats.data``."""
+
+    def __init__(self) -> None:
+        self.group, self.extra_info = None, {}
+
+    def pedantic(self, fn: Callable[[], object], rounds: int, iterations: int, warmup_rounds: int) -> None:
+        data = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            fn()
+            data.append(time.perf_counter() - start)
+        self.stats = types.SimpleNamespace(stats=types.SimpleNamespace(data=data))

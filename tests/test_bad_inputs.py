@@ -90,7 +90,7 @@ CALLS = [
      (ValueError,), ["'masks_hh'", "(2, 16, 4)", "(2, 16, 5)"]),
     # alpha_mix, layer_mix, orthogonality_penalty
     ("alpha_mix S zero", lambda: MF.alpha_mix(_dev(2, 3, 4), _dev(4, 4), 0), (ValueError,), ["'num_subspaces'", "0"]),
-    ("alpha_mix S bool", lambda: MF.alpha_mix(_dev(2, 3, 4), _dev(4, 4), True), (ValueError,),
+    ("alpha_mix S bool", lambda: MF.alpha_mix(_dev(2, 3, 4), _dev(4, 4), True), (TypeError,),
      ["'num_subspaces'", "True"]),
     ("alpha_mix S not dividing", lambda: MF.alpha_mix(_dev(2, 3, 5), _dev(4, 4), 2), (ValueError,),
      ["'num_subspaces'", "5"]),
@@ -106,7 +106,7 @@ CALLS = [
     ("penalty weight 1-D", lambda: MF.orthogonality_penalty(_dev(8), 2), (ValueError,), ["'weight'", "2-D"]),
     ("penalty S not dividing", lambda: MF.orthogonality_penalty(_dev(9, 4), 2), (ValueError,),
      ["'num_subspaces'", "9"]),
-    ("penalty S float", lambda: MF.orthogonality_penalty(_dev(8, 4), 2.0), (ValueError,), ["'num_subspaces'", "2.0"]),
+    ("penalty S float", lambda: MF.orthogonality_penalty(_dev(8, 4), 2.0), (TypeError,), ["'num_subspaces'", "2.0"]),
     # Gumbel ops
     ("gumbel tau zero", lambda: MF.gumbel_sigmoid(_dev(3), tau=0.0), (ValueError,), ["'tau'", "> 0", "0.0"]),
     ("gumbel tau underflows float32", lambda: MF.gumbel_sigmoid(_dev(3), tau=1e-50), (ValueError,),

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import time
-import types
 from pathlib import Path
 
 import pytest
@@ -22,6 +20,8 @@ if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an in
 from bench import cases, check, providers, records, registry, table  # noqa: E402
 from bench.runner import Runner, io_bytes, make_step  # noqa: E402
 from bench.workloads import gumbel as gb  # noqa: E402
+from tests import oracles  # noqa: E402
+from tests.helpers import FakeBenchmark  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -29,21 +29,6 @@ CPU = torch.device("cpu")
 def _params(name: str) -> dict:
     (w,) = [w for w in registry.workloads() if w.name == name]
     return dict(w.params)
-
-
-class _Benchmark:
-    """The part of pytest-benchmark's fixture the runner uses (per-call wall times)."""
-
-    def __init__(self) -> None:
-        self.group, self.extra_info = None, {}
-
-    def pedantic(self, fn, rounds: int, iterations: int, warmup_rounds: int) -> None:
-        data = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            fn()
-            data.append(time.perf_counter() - start)
-        self.stats = types.SimpleNamespace(stats=types.SimpleNamespace(data=data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,16 +177,11 @@ def test_binary_sample_check_rejects_soft_outputs() -> None:
         gb.check_binary_sample((torch.zeros(10000, dtype=torch.float64),), p.repeat(100))
 
 
-def _combine_by_definition(outputs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-    total = sum(z[c] * outputs[c] for c in range(len(z)))
-    return total / torch.maximum(z.sum(), torch.ones((), dtype=z.dtype))
-
-
 def test_combine_eager_is_the_definition_with_gradients() -> None:
     outputs, z = gb.combine_inputs(_params("combine-tiny"), CPU, torch.float64, True, 0)
     out = gb.combine_eager(outputs, z)
     assert out.shape == (2, 3, 4)
-    torch.testing.assert_close(out, _combine_by_definition(outputs, z))
+    torch.testing.assert_close(out, oracles.allocation_combine(outputs, z))
     assert torch.autograd.gradcheck(gb.combine_eager, (outputs, z))
     none = torch.zeros_like(z)
     assert torch.equal(gb.combine_eager(outputs, none), torch.zeros_like(out))  # max(1, Σz): no division by 0
@@ -240,7 +220,7 @@ def _another_draw(spec: registry.OpBench) -> object:
 
 def _run(settings: cases.Settings, **only: str) -> list[dict]:
     runner = Runner(settings)
-    return [runner.run(c, _Benchmark()) for c in cases.select(settings)
+    return [runner.run(c, FakeBenchmark()) for c in cases.select(settings)
             if all(getattr(c, k) == v for k, v in only.items())]
 
 
@@ -285,7 +265,7 @@ def test_deterministic_combine_is_still_compared(monkeypatch: pytest.MonkeyPatch
     def by_definition(name: str, s: registry.OpBench, args: tuple, device: torch.device) -> providers.Built:
         if name == s.eager_name:
             return providers.Built(s.eager, checked=False)
-        return providers.Built(_combine_by_definition)
+        return providers.Built(oracles.allocation_combine)
 
     monkeypatch.setattr(providers, "build", by_definition)
     settings = cases.Settings.make(device="cpu", workloads=("combine-tiny",), quick=True)

@@ -9,7 +9,6 @@ import contextlib
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import types
@@ -22,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an installed package
     sys.path.insert(0, str(ROOT))
 
-from bench import cases, compare, envinfo, peaks, providers, records, report  # noqa: E402
+from bench import cases, compare, peaks, providers, records, report  # noqa: E402
 from bench.__main__ import main as bench_main  # noqa: E402
 from bench.runner import Runner, io_bytes, make_step  # noqa: E402
 from bench.workloads import masked_linear as ml  # noqa: E402
@@ -204,21 +203,6 @@ def test_wrong_result_is_an_error_not_a_time(monkeypatch: pytest.MonkeyPatch) ->
     rec = Runner(settings).run(case, types.SimpleNamespace(group=None, extra_info={}))
     assert rec["status"] == "error" and "relative error" in rec["reason"]
     assert rec["median_s"] is None
-
-
-def test_git_revision_format(tmp_path: Path) -> None:
-    assert REVISION.match(envinfo.git_revision())
-    assert envinfo.git_revision(tmp_path) == "unknown"
-    if shutil.which("git") is None:
-        pytest.skip("git is not installed")
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
-    (tmp_path / "f.txt").write_text("1\n")
-    for cmd in (["init", "-q"], ["add", "f.txt"], ["commit", "-q", "-m", "x"]):
-        subprocess.run(git + cmd, cwd=tmp_path, check=True, capture_output=True)
-    clean = envinfo.git_revision(tmp_path)
-    assert re.fullmatch(r"[0-9a-f]{7,40}", clean)
-    (tmp_path / "f.txt").write_text("2\n")
-    assert envinfo.git_revision(tmp_path) == f"{clean}-dirty"
 
 
 def test_selection_keeps_baselines_and_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:

@@ -7,8 +7,6 @@ torch.nn.LSTM stacks); the mtlfast provider is compared with eager only where Sl
 from __future__ import annotations
 
 import sys
-import time
-import types
 from pathlib import Path
 
 import pytest
@@ -21,6 +19,8 @@ if str(ROOT) not in sys.path:  # bench/ is a folder of the repository, not an in
 from bench import cases, providers, registry  # noqa: E402
 from bench.runner import Runner, io_bytes, make_step  # noqa: E402
 from bench.workloads import sluice as sl  # noqa: E402
+from tests import oracles  # noqa: E402
+from tests.helpers import FakeBenchmark  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -39,21 +39,6 @@ def _with(args: tuple, **values: torch.Tensor) -> tuple:
     names = args[-1].param_names()
     new = [values.get(n, a) for n, a in zip(names, args[1:-1])]
     return (args[0], *new, args[-1])
-
-
-class _Benchmark:
-    """The part of pytest-benchmark's fixture the runner uses (per-call wall times)."""
-
-    def __init__(self) -> None:
-        self.group, self.extra_info = None, {}
-
-    def pedantic(self, fn, rounds: int, iterations: int, warmup_rounds: int) -> None:
-        data = []
-        for _ in range(rounds):
-            start = time.perf_counter()
-            fn()
-            data.append(time.perf_counter() - start)
-        self.stats = types.SimpleNamespace(stats=types.SimpleNamespace(data=data))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -78,7 +63,7 @@ def test_workloads_are_registered_with_the_papers_sizes() -> None:
 
 def test_providers_of_each_op() -> None:
     alpha = cases.select(cases.Settings.make(device="cpu", workloads=("alpha-mix-tiny",), modes=("fwd",)))
-    assert [c.provider for c in alpha][:2] == ["eager", "compile"]
+    assert [c.provider for c in alpha][:3] == ["eager", "mtlfast-custom-op", "compile"]
     assert {"reference", "triton", "cuda", "cpu"} <= {c.provider for c in alpha}
     assert "dense" not in {c.provider for c in alpha}
     lstm = cases.select(cases.Settings.make(device="cpu", workloads=("sluice-tiny",), modes=("fwd",)))
@@ -108,20 +93,10 @@ def test_alpha_mix_inputs(dtype: torch.dtype) -> None:
     assert large["num_tasks"] * large["rows"][0] * large["features"] * 2 == 2 ** 30  # 1 GiB of h in bf16
 
 
-def _alpha_mix_by_chunks(h: torch.Tensor, alpha: torch.Tensor, S: int) -> torch.Tensor:
-    """The definition, chunk by chunk: out chunk m*S+s = Σ_j alpha[m*S+s, j] · chunk_j."""
-    M, d = h.shape[0], h.shape[-1] // S
-    chunk = [h[m, ..., s * d:(s + 1) * d] for m in range(M) for s in range(S)]
-    out = torch.empty_like(h)
-    for i in range(M * S):
-        out[i // S, ..., (i % S) * d:(i % S + 1) * d] = sum(alpha[i, j] * chunk[j] for j in range(M * S))
-    return out
-
-
 def test_alpha_mix_eager_is_the_definition_with_gradients() -> None:
     h, alpha, S = sl.alpha_mix_inputs(_params("alpha-mix-tiny"), CPU, torch.float64, True, 0)
     out = sl.alpha_mix_eager(h, alpha, S)
-    expected = _alpha_mix_by_chunks(h, alpha, S)
+    expected = oracles.alpha_mix(h, alpha, S)
     torch.testing.assert_close(out, expected)
     dout = torch.randn_like(out)
     grads = torch.autograd.grad(out, (h, alpha), dout)
@@ -206,7 +181,7 @@ def test_sluice_eager_without_sharing_is_independent_lstm_stacks() -> None:
                 h = _lstm_stack(args, t, 1, first_layer=k)(h)[0]
                 per_layer.append(h)
             layers.append(torch.stack(per_layer))
-        expected = torch.stack([torch.einsum("k,k...->...", beta[t], layers[t]) for t in range(M)])
+        expected = oracles.layer_mix(torch.stack(layers, dim=1), beta)                # layers (K, M, ...)
     torch.testing.assert_close(sl.sluice_eager(*_with(args, beta=beta)), expected)
 
 
@@ -219,7 +194,7 @@ def test_sluice_eager_mixes_each_direction_with_the_same_alpha() -> None:
     with torch.no_grad():
         outs = torch.stack([_lstm_stack(args, t, 1)(args[0])[0] for t in range(M)])  # (M, B, L, 2H)
     forward, backward = outs[..., :H], outs[..., H:]
-    expected = torch.cat([_alpha_mix_by_chunks(forward, alpha, S), _alpha_mix_by_chunks(backward, alpha, S)], -1)
+    expected = torch.cat([oracles.alpha_mix(forward, alpha, S), oracles.alpha_mix(backward, alpha, S)], -1)
     torch.testing.assert_close(sl.sluice_eager(*args), expected)
 
 
@@ -284,7 +259,7 @@ def test_runner_times_the_eager_providers() -> None:
                                    providers=("eager-hard-sharing",))
     runner = Runner(settings)
     for case in cases.select(settings):
-        rec = runner.run(case, _Benchmark())
+        rec = runner.run(case, FakeBenchmark())
         if case.provider == "eager":
             assert rec["status"] == "ok", rec["reason"]
             assert rec["median_s"] > 0 and rec["bytes"] > 0 and rec["rel_err"] is None
@@ -300,6 +275,6 @@ def test_hard_sharing_is_timed_not_checked() -> None:
                                    providers=("eager-hard-sharing",))
     runner = Runner(settings)
     for case in cases.select(settings):
-        rec = runner.run(case, _Benchmark())
+        rec = runner.run(case, FakeBenchmark())
         assert rec["status"] == "ok", rec["reason"]
         assert rec["rel_err"] is None

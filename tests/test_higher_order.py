@@ -78,7 +78,7 @@ def _reference(name):
 def _runs(backend, name, inputs) -> bool:
     """Whether ``backend`` has a kernel for this op and dtype (no case otherwise, as elsewhere)."""
     from mtlfast import backends
-    key = {"masked_lstm_layer": "masked_lstm", "gumbel_pairs": "gumbel_sigmoid"}.get(name, name)
+    key = {"gumbel_pairs": "gumbel_sigmoid"}.get(name, name)
     return backends.reasons(key, *inputs)[backend] is None
 
 

@@ -1,16 +1,15 @@
-"""The grouped masked LSTM op: the reference against torch.nn.LSTM loaded with the masked
-weights (the independent oracle), and every backend against the reference: outputs, final
-states and every gradient; lengths, reverse groups, unmasked groups, shared weight sets."""
+"""The grouped masked LSTM op: every backend against the reference (outputs, final states and
+every gradient); lengths, reverse groups, unmasked groups, shared weight sets. The reference
+against its independent oracle (torch.nn.LSTM with masked weights) is in tests/test_oracles.py."""
 from __future__ import annotations
 
 import pytest
 import torch
-from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 import mtlfast
 from mtlfast.ops.masked_lstm import masked_lstm_layer, masked_lstm_layer_reference, reverse_within_lengths
 from tests.conftest import DEVICE
-from tests.helpers import TOLERANCES, assert_close, backend_params
+from tests.helpers import assert_close, backend_params
 
 BACKENDS = backend_params(DEVICE, ("reference", "cpu", "triton"))
 
@@ -36,38 +35,6 @@ DIFFERENTIABLE = ("x", "h0", "c0", "w_ih", "w_hh", "b_ih", "b_hh")
 
 def call(fn, case):
     return fn(*(case[k] for k in ORDER))
-
-
-def test_reference_equals_torch_lstm_with_masked_weights():
-    case = make_case()
-    y, h_n, c_n = call(masked_lstm_layer_reference, case)
-    G, T, B, I = case["x"].shape
-    H = case["w_hh"].shape[-1]
-    for g in range(G):
-        lstm = torch.nn.LSTM(I, H).double().to(DEVICE)
-        wi, mi = int(case["weight_index"][g]), int(case["mask_index"][g])
-        keep_ih = case["masks_ih"][mi] if mi >= 0 else True
-        keep_hh = case["masks_hh"][mi] if mi >= 0 else True
-        with torch.no_grad():
-            lstm.weight_ih_l0.copy_(case["w_ih"][wi] * keep_ih)   # the oracle multiplies; the reference selects
-            lstm.weight_hh_l0.copy_(case["w_hh"][wi] * keep_hh)
-            lstm.bias_ih_l0.copy_(case["b_ih"][wi])
-            lstm.bias_hh_l0.copy_(case["b_hh"][wi])
-        rev = case["reverse"][g:g + 1]
-        lens = case["lengths"][g]
-        x = reverse_within_lengths(case["x"][g:g + 1], lens[None], rev)[0]   # reverse = LSTM on flipped rows
-        expected = torch.zeros(T, B, H, dtype=torch.float64, device=DEVICE)
-        h_exp, c_exp = case["h0"][g].clone(), case["c0"][g].clone()
-        rows = lens > 0
-        if rows.any():
-            packed = pack_padded_sequence(x[:, rows], lens[rows].cpu(), enforce_sorted=False)
-            out, (hh, cc) = lstm(packed, (case["h0"][g][rows][None].contiguous(), case["c0"][g][rows][None].contiguous()))
-            expected[:, rows] = pad_packed_sequence(out, total_length=T)[0]
-            h_exp[rows], c_exp[rows] = hh[0], cc[0]
-        expected = reverse_within_lengths(expected[None], lens[None], rev)[0]
-        torch.testing.assert_close(y[g], expected)
-        torch.testing.assert_close(h_n[g], h_exp)
-        torch.testing.assert_close(c_n[g], c_exp)
 
 
 def test_reverse_within_lengths_is_an_involution():
@@ -188,16 +155,3 @@ def test_compile_fullgraph(backend):
     for name in DIFFERENTIABLE:
         assert_close(ours[name].grad, ref[name].grad, torch.float32, f"gradient of {name}")
 
-
-@pytest.mark.parametrize("backend", backend_params(DEVICE, ("cpu", "triton")))
-def test_opcheck(backend):
-    case = make_case(G=2, T=3, B=2, I=5, H=4, S=1, P=2, dtype=torch.float32)   # bool masks, packed inside
-    args = tuple(case[k].requires_grad_() if k in DIFFERENTIABLE else case[k] for k in ORDER) + (backend,)
-    torch.library.opcheck(torch.ops.mtlfast.masked_lstm_layer.default, args)
-    outs = torch.ops.mtlfast.masked_lstm_layer(*args)
-    h_prev, gates, cells = (o.detach() for o in outs[3:])
-    grads = tuple(torch.randn_like(o) for o in outs[:3])
-    backward_args = (*grads, case["x"].detach(), case["h0"].detach(), case["c0"].detach(), case["w_ih"].detach(),
-                     case["w_hh"].detach(), case["weight_index"], case["masks_ih"], case["masks_hh"],
-                     case["mask_index"], case["lengths"], case["reverse"], h_prev, gates, cells, True, backend)
-    torch.library.opcheck(torch.ops.mtlfast.masked_lstm_layer_backward.default, backward_args)

@@ -1,8 +1,10 @@
 """mtlfast.profile: the side-by-side comparison's fields (timing order, exact operator counts on
 a CPU, kernel launches on a GPU, memory, top list), backward work counted, saved JSON and Chrome
-traces, the workload command line, and clear errors for bad arguments."""
+traces, clear errors for bad arguments; the workload command line (``python -m bench.profile``,
+the benchmark harness's), and that the library imports neither bench nor examples."""
 from __future__ import annotations
 
+import ast
 import json
 import subprocess
 import sys
@@ -145,7 +147,7 @@ def test_reached_from_the_package():
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mtlfast.profile", *args], cwd=ROOT, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "bench.profile", *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
 
 
@@ -169,3 +171,20 @@ def test_command_line_profiles_a_workload(tmp_path):
 def test_command_line_errors(args, fragment):
     proc = _cli(*args)
     assert proc.returncode != 0 and fragment in proc.stderr, proc.stderr[-2000:]
+
+
+def test_the_library_imports_no_bench_examples_or_tests():
+    # every import statement of the package's source, function-level ones included
+    found = []
+    for folder in ("mtlfast", "triton_kernels"):   # triton_kernels/ is installed as mtlfast.triton_kernels
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.ImportFrom) and not node.level:
+                    names = [node.module or ""]
+                else:
+                    continue
+                found += [f"{path.relative_to(ROOT)}:{node.lineno} {n}" for n in names
+                          if n.split(".")[0] in ("bench", "examples", "tests")]
+    assert not found, found

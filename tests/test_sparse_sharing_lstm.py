@@ -11,7 +11,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 import mtlfast
 import mtlfast.nn as mnn
 from tests.conftest import DEVICE
-from tests.helpers import TOLERANCES, backend_params
+from tests.helpers import assert_close, backend_params
 
 BACKENDS = backend_params(DEVICE, ("reference", "cpu", "triton"))
 T, B, I, H, N = 5, 4, 6, 5, 3
@@ -25,11 +25,6 @@ def make_model(layers=1, bidirectional=False, batch_first=False, density=0.6, dt
         for name in model.masked_parameter_names():
             model.set_mask(task, name, torch.rand(getattr(model, name).shape, device=DEVICE) < density)
     return model
-
-
-def assert_close(a, b, dtype, what):
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(a.double(), b.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
 
 
 def compare_with_subnet(model, backend, x, task, dtype=torch.float32, hx=None):

@@ -12,14 +12,13 @@ from mtlfast.bitmask import pack_mask  # noqa: E402
 from mtlfast.ops.masked_lstm import reverse_within_lengths  # noqa: E402
 from mtlfast.triton_kernels import masked_gemm, masked_lstm as K  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
 
-TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def close(actual, expected, dtype):
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(actual.float(), expected.float(), atol=atol, rtol=rtol)
+    assert_close(actual, expected, dtype, "kernel result")
 
 
 def groups(G, S, P, unmasked=(1,)):

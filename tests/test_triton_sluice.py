@@ -1,6 +1,6 @@
-"""Triton kernels of sluice networks (triton_kernels/sluice.py) against float64 oracles written
-here: alpha and layer mixing as einsums, the orthogonality penalty as a loop over block pairs,
-their gradients through torch.autograd on those formulations."""
+"""Triton kernels of sluice networks (triton_kernels/sluice.py) against the ops' references
+(mtlfast.ops.sluice.*_reference, each checked against an independent oracle in
+tests/test_oracles.py) in float64, their gradients through torch.autograd on the references."""
 from __future__ import annotations
 
 import pytest
@@ -8,36 +8,31 @@ import torch
 
 pytest.importorskip("triton")
 
+from mtlfast.ops.sluice import (alpha_mix_reference, layer_mix_reference,  # noqa: E402
+                                orthogonality_penalty_reference)
 from mtlfast.triton_kernels import masked_gemm, sluice as K  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
+from tests.helpers import assert_close  # noqa: E402
 
-TOL = {torch.float32: (1e-4, 1e-4), torch.bfloat16: (2e-2, 2e-2), torch.float16: (3e-3, 3e-3)}
 DTYPES = [torch.float32, torch.bfloat16]
 
 
 def close(actual, expected, dtype):
-    atol, rtol = TOL[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol)
+    assert_close(actual, expected, dtype, "kernel result")
 
 
 def with_grads(fn, inputs, dout):
     """fn on float64 copies of inputs -> (output, gradients of Σ output ⊙ dout w.r.t. each input)."""
     leaves = [t.detach().double().requires_grad_() for t in inputs]
     out = fn(*leaves)
+    if not out.requires_grad:   # a constant (the penalty of one subspace): zero gradients
+        return out.detach(), tuple(torch.zeros_like(t) for t in leaves)
     grads = torch.autograd.grad(out, leaves, dout.double())
     return out.detach(), grads
 
 
 # ---------------------------------------------------------------------------------------------
 # alpha mixing
-
-def alpha_mix_oracle(h, alpha, S):
-    """out chunk i = Σ_j alpha[i, j] · chunk j, chunk m*S + s = h[m, :, s*d:(s+1)*d]."""
-    M, N, D = h.shape
-    chunks = h.reshape(M, N, S, D // S).permute(0, 2, 1, 3).reshape(M * S, N, D // S)
-    out = torch.einsum("ij,jnc->inc", alpha, chunks)
-    return out.reshape(M, S, N, D // S).permute(0, 2, 1, 3).reshape(M, N, D)
-
 
 def alpha_inputs(M, N, S, d, dtype):
     h = torch.randn(M, N, S * d, device=DEVICE).to(dtype)
@@ -56,7 +51,7 @@ ALPHA_SHAPES = [(2, 37, 2, 33), (3, 5, 3, 8), (3, 17, 1, 7), (1, 1, 3, 3), (2, 2
 def test_alpha_mix(dtype, shape):
     M, N, S, d = shape
     h, alpha, dout = alpha_inputs(M, N, S, d, dtype)
-    want, (dh_want, dalpha_want) = with_grads(lambda h_, a_: alpha_mix_oracle(h_, a_, S), (h, alpha), dout)
+    want, (dh_want, dalpha_want) = with_grads(lambda h_, a_: alpha_mix_reference(h_, a_, S), (h, alpha), dout)
     out = K.alpha_mix_forward(h, alpha, S)
     assert out.shape == h.shape and out.dtype == dtype
     close(out, want, dtype)
@@ -70,7 +65,7 @@ def test_alpha_mix(dtype, shape):
 def test_alpha_mix_fp16():
     M, N, S, d = ALPHA_SHAPES[0]
     h, alpha, dout = alpha_inputs(M, N, S, d, torch.float16)
-    want, (dh_want, dalpha_want) = with_grads(lambda h_, a_: alpha_mix_oracle(h_, a_, S), (h, alpha), dout)
+    want, (dh_want, dalpha_want) = with_grads(lambda h_, a_: alpha_mix_reference(h_, a_, S), (h, alpha), dout)
     close(K.alpha_mix_forward(h, alpha, S), want, torch.float16)
     dh, dalpha = K.alpha_mix_backward(dout, h, alpha, S)
     close(dh, dh_want, torch.float16)
@@ -89,8 +84,8 @@ def test_alpha_mix_noncontiguous():
     h, alpha, dout = alpha_inputs(2, 12, 2, 9, torch.float32)
     strided = h.transpose(0, 1).contiguous().transpose(0, 1)              # (M, N, D), M not outermost
     assert not strided.is_contiguous()
-    close(K.alpha_mix_forward(strided, alpha, 2), alpha_mix_oracle(h.double(), alpha.double(), 2), torch.float32)
-    _, (dh_want, dalpha_want) = with_grads(lambda h_, a_: alpha_mix_oracle(h_, a_, 2), (h, alpha), dout)
+    close(K.alpha_mix_forward(strided, alpha, 2), alpha_mix_reference(h.double(), alpha.double(), 2), torch.float32)
+    _, (dh_want, dalpha_want) = with_grads(lambda h_, a_: alpha_mix_reference(h_, a_, 2), (h, alpha), dout)
     dh, dalpha = K.alpha_mix_backward(dout.transpose(0, 1).contiguous().transpose(0, 1), strided, alpha, 2)
     close(dh, dh_want, torch.float32)
     close(dalpha, dalpha_want, torch.float32)
@@ -98,10 +93,6 @@ def test_alpha_mix_noncontiguous():
 
 # ---------------------------------------------------------------------------------------------
 # layer mixing
-
-def layer_mix_oracle(layers, beta):
-    return torch.einsum("mk,kmnd->mnd", beta, layers)
-
 
 # (K, M, N, D): tails, K = 1 and 3 (a pad layer), M = 1, N = 1
 LAYER_SHAPES = [(3, 2, 37, 33), (1, 3, 5, 7), (3, 1, 1, 3), (2, 3, 20, 16)]
@@ -114,7 +105,7 @@ def test_layer_mix(dtype, shape):
     layers = torch.randn(Kl, M, N, D, device=DEVICE).to(dtype)
     beta = torch.randn(M, Kl, device=DEVICE)
     dout = torch.randn(M, N, D, device=DEVICE).to(dtype)
-    want, (dlayers_want, dbeta_want) = with_grads(layer_mix_oracle, (layers, beta), dout)
+    want, (dlayers_want, dbeta_want) = with_grads(layer_mix_reference, (layers, beta), dout)
     out = K.layer_mix_forward(layers, beta)
     assert out.shape == (M, N, D) and out.dtype == dtype
     close(out, want, dtype)
@@ -136,12 +127,6 @@ def test_layer_mix_empty():
 # ---------------------------------------------------------------------------------------------
 # orthogonality penalty
 
-def orthogonality_oracle(weight, S):
-    blocks = weight.reshape(S, weight.shape[0] // S, weight.shape[1])
-    terms = [(blocks[s].T @ blocks[t]).pow(2).sum() for s in range(S) for t in range(s + 1, S)]
-    return torch.stack(terms).sum() if terms else weight.sum() * 0
-
-
 # (R, C, S): r < C and r > C (the two backward associations), C with tails, S = 3 and 4 (pair
 # decoding), r = 1, S = 1 (no pair)
 ORTHO_SHAPES = [(8, 5, 2), (9, 33, 3), (34, 17, 2), (20, 7, 4), (3, 40, 3), (6, 4, 1)]
@@ -153,7 +138,7 @@ def test_orthogonality_penalty(dtype, shape):
     R, C, S = shape
     weight = (torch.randn(R, C, device=DEVICE) / C ** 0.5).to(dtype)
     grad = torch.tensor(0.7, device=DEVICE)
-    want, (dweight_want,) = with_grads(lambda w: orthogonality_oracle(w, S), (weight,), grad)
+    want, (dweight_want,) = with_grads(lambda w: orthogonality_penalty_reference(w, S), (weight,), grad)
     penalty = K.orthogonality_penalty_forward(weight, S)
     assert penalty.shape == () and penalty.dtype == torch.float32
     close(penalty, want, dtype)

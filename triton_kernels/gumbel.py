@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from triton.language.random import philox_impl
 
-from mtlfast.triton_kernels.masked_gemm import _INTERPRET, _int64
+from mtlfast.triton_kernels.masked_gemm import _int64, autotune_configs, persistent_programs
 
 MAX_SOFTMAX_COLUMNS = 16384
 _MASK32 = 0xFFFFFFFF
@@ -79,22 +79,20 @@ _COMBINE_ELEMENTS_PER_THREAD = {"forward": 64, "backward": 32}
 
 
 def _elementwise_configs():
-    if _INTERPRET:
-        # one config: the interpreter would time every candidate, and its timings mean nothing
-        return [triton.Config({"BLOCK": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in _ELEMENTWISE_SHAPES]
+    return autotune_configs(triton.Config({"BLOCK": 64}, num_warps=4),
+                            [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1)
+                             for b, w in _ELEMENTWISE_SHAPES])
 
 
 def _softmax_configs():
-    if _INTERPRET:
-        return [triton.Config({"TILE": 64}, num_warps=4)]
-    return [triton.Config({"TILE": t}, num_warps=w, num_stages=1) for t, w in _SOFTMAX_SHAPES]
+    return autotune_configs(triton.Config({"TILE": 64}, num_warps=4),
+                            [triton.Config({"TILE": t}, num_warps=w, num_stages=1) for t, w in _SOFTMAX_SHAPES])
 
 
 def _combine_configs(direction: str):
-    if _INTERPRET:
-        return [triton.Config({"BLOCK": 32}, num_warps=4)]
-    return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in _COMBINE_SHAPES[direction]]
+    return autotune_configs(triton.Config({"BLOCK": 32}, num_warps=4),
+                            [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1)
+                             for b, w in _COMBINE_SHAPES[direction]])
 
 
 def fits_shared_memory(config, element_bytes: int) -> bool:
@@ -177,13 +175,25 @@ def _offsets(pid, n, INT64: tl.constexpr, BLOCK: tl.constexpr):
 # ---------------------------------------------------------------------------------------------
 # Gumbel-sigmoid, elementwise (noise index = flat index)
 
-@triton.autotune(configs=_elementwise_configs(), key=["n", "HARD"])
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _sigmoid_forward_kernel(logits_ptr, tau_ptr, y_ptr, n, seed_lo, seed_hi, HARD: tl.constexpr,
-                            INT64: tl.constexpr, BLOCK: tl.constexpr):
-    """y (n,) = [x + L > 0] if HARD else sigmoid((x + L) / tau). Grid: (cdiv(n, BLOCK),)."""
+@triton.jit
+def _noisy(logits_ptr, offs, mask, seed_lo, seed_hi, PAIRS: tl.constexpr, INT64: tl.constexpr):
+    """v = x + L in fp32 for elements ``offs``: x the logit, or for complementary pairs the
+    difference x[:, 0] - x[:, 1] (a (BLOCK, 2) tile is one contiguous run of 2*BLOCK logits,
+    split in registers); L the logistic noise of the element (of the pair)."""
+    if PAIRS:
+        pair = offs[:, None] * 2 + tl.arange(0, 2)[None, :]
+        x0, x1 = tl.split(tl.load(logits_ptr + pair, mask=mask[:, None], other=0.0).to(tl.float32))
+        x = x0 - x1
+    else:
+        x = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return x + _logistic(seed_lo, seed_hi, offs, INT64)
+
+
+@triton.jit
+def _sample_forward(logits_ptr, tau_ptr, y_ptr, n, seed_lo, seed_hi, HARD: tl.constexpr, PAIRS: tl.constexpr,
+                    INT64: tl.constexpr, BLOCK: tl.constexpr):
     offs, mask = _offsets(tl.program_id(0), n, INT64, BLOCK)
-    v = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32) + _logistic(seed_lo, seed_hi, offs, INT64)
+    v = _noisy(logits_ptr, offs, mask, seed_lo, seed_hi, PAIRS, INT64)
     if HARD:
         y = tl.where(v > 0.0, 1.0, 0.0)
     else:
@@ -191,36 +201,43 @@ def _sigmoid_forward_kernel(logits_ptr, tau_ptr, y_ptr, n, seed_lo, seed_hi, HAR
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _sample_backward(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, seed_lo, seed_hi, PAIRS: tl.constexpr,
+                     INT64: tl.constexpr, BLOCK: tl.constexpr):
+    offs, mask = _offsets(tl.program_id(0), n, INT64, BLOCK)
+    v = _noisy(logits_ptr, offs, mask, seed_lo, seed_hi, PAIRS, INT64)
+    d = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * _sigmoid_slope(v, tl.load(tau_ptr))
+    if PAIRS:
+        pair = offs[:, None] * 2 + tl.arange(0, 2)[None, :]
+        tl.store(dlogits_ptr + pair, tl.join(d, -d).to(dlogits_ptr.dtype.element_ty), mask=mask[:, None])
+    else:
+        tl.store(dlogits_ptr + offs, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.autotune(configs=_elementwise_configs(), key=["n", "HARD"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
+def _sigmoid_forward_kernel(logits_ptr, tau_ptr, y_ptr, n, seed_lo, seed_hi, HARD: tl.constexpr,
+                            INT64: tl.constexpr, BLOCK: tl.constexpr):
+    """y (n,) = [x + L > 0] if HARD else sigmoid((x + L) / tau). Grid: (cdiv(n, BLOCK),)."""
+    _sample_forward(logits_ptr, tau_ptr, y_ptr, n, seed_lo, seed_hi, HARD, False, INT64, BLOCK)
+
+
 @triton.autotune(configs=_elementwise_configs(), key=["n"])
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _sigmoid_backward_kernel(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, seed_lo, seed_hi,
                              INT64: tl.constexpr, BLOCK: tl.constexpr):
     """dlogits (n,) = grad · s (1 - s) / tau, s = sigmoid((x + L) / tau), L recomputed."""
-    offs, mask = _offsets(tl.program_id(0), n, INT64, BLOCK)
-    v = tl.load(logits_ptr + offs, mask=mask, other=0.0).to(tl.float32) + _logistic(seed_lo, seed_hi, offs, INT64)
-    g = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(dlogits_ptr + offs, (g * _sigmoid_slope(v, tl.load(tau_ptr))).to(dlogits_ptr.dtype.element_ty),
-             mask=mask)
+    _sample_backward(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, seed_lo, seed_hi, False, INT64, BLOCK)
 
 
-# ---------------------------------------------------------------------------------------------
 # Gumbel-sigmoid on complementary pairs: logits (n, 2), x = x[:, 0] - x[:, 1], noise index = pair.
-# A (BLOCK, 2) tile is one contiguous run of 2*BLOCK logits, split in registers.
 
 @triton.autotune(configs=_elementwise_configs(), key=["n", "HARD"])
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _pairs_forward_kernel(logits_ptr, tau_ptr, z_ptr, n, seed_lo, seed_hi, HARD: tl.constexpr,
                           INT64: tl.constexpr, BLOCK: tl.constexpr):
     """z (n,) = Gumbel-sigmoid of x[:, 0] - x[:, 1] (z = 1: component 0 wins). Grid: (cdiv(n, BLOCK),)."""
-    offs, mask = _offsets(tl.program_id(0), n, INT64, BLOCK)
-    pair = offs[:, None] * 2 + tl.arange(0, 2)[None, :]
-    x0, x1 = tl.split(tl.load(logits_ptr + pair, mask=mask[:, None], other=0.0).to(tl.float32))
-    v = (x0 - x1) + _logistic(seed_lo, seed_hi, offs, INT64)
-    if HARD:
-        z = tl.where(v > 0.0, 1.0, 0.0)
-    else:
-        z = tl.sigmoid(v / tl.load(tau_ptr))
-    tl.store(z_ptr + offs, z.to(z_ptr.dtype.element_ty), mask=mask)
+    _sample_forward(logits_ptr, tau_ptr, z_ptr, n, seed_lo, seed_hi, HARD, True, INT64, BLOCK)
 
 
 @triton.autotune(configs=_elementwise_configs(), key=["n"])
@@ -228,12 +245,7 @@ def _pairs_forward_kernel(logits_ptr, tau_ptr, z_ptr, n, seed_lo, seed_hi, HARD:
 def _pairs_backward_kernel(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, seed_lo, seed_hi,
                            INT64: tl.constexpr, BLOCK: tl.constexpr):
     """dlogits (n, 2) = (+d, -d), d = grad · s (1 - s) / tau of the pair's soft sample."""
-    offs, mask = _offsets(tl.program_id(0), n, INT64, BLOCK)
-    pair = offs[:, None] * 2 + tl.arange(0, 2)[None, :]
-    x0, x1 = tl.split(tl.load(logits_ptr + pair, mask=mask[:, None], other=0.0).to(tl.float32))
-    v = (x0 - x1) + _logistic(seed_lo, seed_hi, offs, INT64)
-    d = tl.load(grad_ptr + offs, mask=mask, other=0.0).to(tl.float32) * _sigmoid_slope(v, tl.load(tau_ptr))
-    tl.store(dlogits_ptr + pair, tl.join(d, -d).to(dlogits_ptr.dtype.element_ty), mask=mask[:, None])
+    _sample_backward(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, seed_lo, seed_hi, True, INT64, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -372,22 +384,12 @@ def _combine_backward_kernel(grad_ptr, outputs_ptr, z_ptr, doutputs_ptr, part_pt
 # accumulator beside the tile (~100 registers per thread), a handful resident per SM; a few
 # waves of them keep the last one short.
 _PROGRAMS_PER_SM = 16
-# Under the interpreter a few programs, so tests walk several tiles per program.
-_INTERPRET_PROGRAMS = 3
-_sm_count: dict = {}
 
 
 def _num_programs(device: torch.device, work: int) -> int:
     """Programs of a persistent launch: at most `work` (the tiles of the smallest config, so none
     idles without need) and at most _PROGRAMS_PER_SM per SM."""
-    if _INTERPRET or device.type != "cuda":
-        cap = _INTERPRET_PROGRAMS
-    else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _sm_count:
-            _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        cap = _sm_count[index] * _PROGRAMS_PER_SM
-    return max(1, min(work, cap))
+    return persistent_programs(device, work, _PROGRAMS_PER_SM)
 
 
 def _seed_words(seed: int) -> Tuple[int, int]:

@@ -9,27 +9,51 @@ allocate the outputs; autograd and dispatch live in mtlfast/ops.
 """
 from __future__ import annotations
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from mtlfast.backends import triton_interpreter_enabled
+
+_INTERPRET = triton_interpreter_enabled()
 _INT32_MAX = 2**31 - 1
+
+
+def autotune_configs(interpreted: "triton.Config", compiled: list) -> list:
+    """Autotune candidates: ``compiled`` on a GPU; under the interpreter only ``interpreted``: it
+    would otherwise time every candidate, and its speed says nothing about a GPU."""
+    return [interpreted] if _INTERPRET else compiled
+
+
+# Under the interpreter a few programs per persistent launch, so tests walk several tiles per program.
+_INTERPRET_PROGRAMS = 3
+_sm_count: dict = {}
+
+
+def persistent_programs(device: torch.device, work: int, per_sm: int, share: int = 1) -> int:
+    """Programs of a persistent launch, per each of ``share`` independent rows of its grid: at most
+    ``work`` (the tiles of the smallest config, so none idles without need) and together at most
+    ``per_sm`` per SM of ``device``."""
+    if _INTERPRET or device.type != "cuda":
+        cap = _INTERPRET_PROGRAMS
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        if index not in _sm_count:
+            _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
+        cap = _sm_count[index] * per_sm // share
+    return max(1, min(work, cap))
 
 
 def _configs(block_a: int, block_b: int, block_r: int):
     """Autotune candidates over (rows, cols, reduction) tiles, in that kwargs order (fits_shared_memory
-    reads them so). The interpreter gets one config:
-    it would otherwise time every candidate, and its speed says nothing about a GPU."""
-    if _INTERPRET:
-        return [triton.Config({block_a: 32, block_b: 32, block_r: 32}, num_warps=4)]
+    reads them so)."""
     shapes = [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 64, 64, 4, 4),
               (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 32, 32, 5, 2)]
-    return [triton.Config({block_a: a, block_b: b, block_r: r}, num_stages=s, num_warps=w)
-            for a, b, r, s, w in shapes]
+    return autotune_configs(triton.Config({block_a: 32, block_b: 32, block_r: 32}, num_warps=4),
+                            [triton.Config({block_a: a, block_b: b, block_r: r}, num_stages=s, num_warps=w)
+                             for a, b, r, s, w in shapes])
 
 
 # Shared memory the smaller of the targets (A100) offers a block; fp32 tiles with many stages

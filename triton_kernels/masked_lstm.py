@@ -24,7 +24,7 @@ import triton.language as tl
 
 from mtlfast.triton_kernels import masked_gemm as _gemm
 from mtlfast.triton_kernels.masked_gemm import (  # noqa: F401  (the grouped GEMMs are part of this interface)
-    _INTERPRET, _dot, _group_mask, _int64, _keep_bits_kn, _keep_bits_nk, _mask_args, _precision, _upcast,
+    _dot, _group_mask, _int64, _keep_bits_kn, _keep_bits_nk, _mask_args, _precision, _upcast, autotune_configs,
     grouped_masked_matmul, grouped_masked_matmul_grad_input, grouped_masked_matmul_grad_weight)
 
 # ---------------------------------------------------------------------------------------------
@@ -54,12 +54,10 @@ _BACKWARD_STEP_SHAPES = [(16, 32, 64, 2, 4), (16, 32, 128, 3, 4), (32, 32, 64, 2
 
 
 def _step_configs(reduction: str, shapes):
-    """kwargs in (rows, cols, reduction) order, like masked_gemm's configs; one config under the
-    interpreter, which would otherwise time every candidate (and its timings mean nothing)."""
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, reduction: 32}, num_warps=4)]
-    return [triton.Config({"BLOCK_B": b, "BLOCK_H": h, reduction: r}, num_stages=s, num_warps=w)
-            for b, h, r, s, w in shapes]
+    """kwargs in (rows, cols, reduction) order, like masked_gemm's configs."""
+    return autotune_configs(triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, reduction: 32}, num_warps=4),
+                            [triton.Config({"BLOCK_B": b, "BLOCK_H": h, reduction: r}, num_stages=s, num_warps=w)
+                             for b, h, r, s, w in shapes])
 
 
 def fits_shared_memory(config, element_bytes: int) -> bool:

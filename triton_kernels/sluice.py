@@ -48,7 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
-from mtlfast.triton_kernels.masked_gemm import _INTERPRET, _SHARED_BUDGET, _dot, _int64, _upcast
+from mtlfast.triton_kernels.masked_gemm import (_SHARED_BUDGET, _dot, _int64, _upcast, autotune_configs,
+                                                persistent_programs)
 
 
 @triton.constexpr_function
@@ -95,24 +96,21 @@ _TILE_BYTES_PER_THREAD = {"alpha_forward": 64, "alpha_backward": 64, "layer_forw
 
 
 def _alpha_configs(direction: str):
-    if _INTERPRET:
-        # one config: the interpreter would time every candidate, and its timings mean nothing
-        return [triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_N": n, "BLOCK_D": c}, num_warps=w, num_stages=1)
-            for n, c, w in _ALPHA_SHAPES[direction]]
+    # one config: the interpreter would time every candidate, and its timings mean nothing
+    return autotune_configs(triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4),
+                            [triton.Config({"BLOCK_N": n, "BLOCK_D": c}, num_warps=w, num_stages=1)
+                             for n, c, w in _ALPHA_SHAPES[direction]])
 
 
 def _layer_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK": 64}, num_warps=4)]
-    return [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in _LAYER_SHAPES]
+    return autotune_configs(triton.Config({"BLOCK": 64}, num_warps=4),
+                            [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in _LAYER_SHAPES])
 
 
 def _ortho_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_R": 16}, num_warps=4)]
-    return [triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_R": r}, num_stages=s, num_warps=w)
-            for a, b, r, s, w in _ORTHO_SHAPES]
+    return autotune_configs(triton.Config({"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_R": 16}, num_warps=4),
+                            [triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_R": r}, num_stages=s, num_warps=w)
+                             for a, b, r, s, w in _ORTHO_SHAPES])
 
 
 def fits_shared_memory(config, element_bytes: int) -> bool:
@@ -369,23 +367,13 @@ def _orthogonality_forward_kernel(w_ptr, part_ptr, r, C, S, INT64: tl.constexpr,
 # finish in waves), and their partials (MS*MS or K floats each, ~4 MiB for the H100 target) stay
 # under 1% of the traffic. The penalty runs big dot tiles, a couple per SM.
 _PROGRAMS_PER_SM = {"mixing": 128, "penalty": 2}
-# Under the interpreter a few programs, so tests walk several tiles per program.
-_INTERPRET_PROGRAMS = 3
-_sm_count: dict = {}
 
 
 def _num_programs(device: torch.device, work: int, kind: str, share: int = 1) -> int:
     """Programs of a persistent launch, per each of `share` independent rows of its grid: at most
     `work` (the tiles of the smallest config, so none idles without need) and together at most
     _PROGRAMS_PER_SM[kind] per SM."""
-    if _INTERPRET or device.type != "cuda":
-        cap = _INTERPRET_PROGRAMS
-    else:
-        index = device.index if device.index is not None else torch.cuda.current_device()
-        if index not in _sm_count:
-            _sm_count[index] = torch.cuda.get_device_properties(index).multi_processor_count
-        cap = _sm_count[index] * _PROGRAMS_PER_SM[kind] // share
-    return max(1, min(work, cap))
+    return persistent_programs(device, work, _PROGRAMS_PER_SM[kind], share)
 
 
 def _min_block(configs, key: str) -> int:

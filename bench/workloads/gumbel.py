@@ -226,7 +226,8 @@ MATRIX_WORKLOADS = (
 )
 
 MATRIX_SPEC = OpBench(op=MATRIX_OP, make_inputs=matrix_inputs, eager=matrix_eager, dense=None,
-                      mtlfast=gumbel_matrix_fn, flops=matrix_flops, random=True, sample_check=matrix_check)
+                      mtlfast=gumbel_matrix_fn, flops=matrix_flops, random=True, sample_check=matrix_check,
+                      library_ops=("gumbel_sigmoid",))
 
 register(MATRIX_SPEC, MATRIX_WORKLOADS)
 

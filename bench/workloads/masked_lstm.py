@@ -264,6 +264,6 @@ WORKLOADS = (
 )
 
 SPEC = OpBench(op=OP, make_inputs=make_inputs, eager=eager_loop, dense=None, mtlfast=mtlfast_fn, flops=flops,
-               eager_name="eager-loop", variants={"eager-lstm": eager_lstm})
+               eager_name="eager-loop", variants={"eager-lstm": eager_lstm}, library_ops=("masked_lstm_layer",))
 
 register(SPEC, WORKLOADS)

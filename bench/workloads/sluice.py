@@ -82,6 +82,19 @@ def alpha_mix_fn() -> Callable[..., torch.Tensor]:
     return alpha_mix
 
 
+def alpha_mix_custom_op(h: torch.Tensor, alpha: torch.Tensor, num_subspaces: int) -> torch.Tensor:
+    """mtlfast's kernels through the registered custom op ``mtlfast::alpha_mix`` and its registered
+    autograd (what torch.compile runs), instead of the eager autograd.Function that
+    ``MF.alpha_mix`` uses: the same kernels, so the difference is host time per call."""
+    import mtlfast.ops.sluice as ops
+
+    backend = ops.ALPHA_MIX.select(h, alpha)
+    if backend == "reference":
+        return ops.alpha_mix_reference(h, alpha, num_subspaces)
+    h3 = h.reshape(h.shape[0], -1, h.shape[-1]).contiguous()
+    return torch.ops.mtlfast.alpha_mix(h3, alpha, num_subspaces, backend).view(h.shape)
+
+
 def alpha_mix_flops(params: Mapping[str, Any], mode: str) -> float:
     """Each of the M·rows·D outputs is a sum of MS products: 2·MS FLOPs; fwd+bwd 3x (dh, dα)."""
     M, S = params["num_tasks"], params["num_subspaces"]
@@ -106,11 +119,13 @@ ALPHA_WORKLOADS = (
     _alpha_workload("alpha-mix-paper", 2, 2, (32, 32), 200,
                     "sluice network, the paper's taggers: 2 tasks x 2 subspaces of a 2 x 100 bi-LSTM "
                     "output, batch 32 x length 32"),
+    _alpha_workload("alpha-mix-step", 2, 2, (32,), 200,
+                    "one time step of the paper's taggers (batch 32): host time per call dominates"),
     _alpha_workload("alpha-mix-tiny", 3, 2, (5, 3), 8, "smoke-test size for the harness tests", default=False),
 )
 
 ALPHA_SPEC = OpBench(op=ALPHA_OP, make_inputs=alpha_mix_inputs, eager=alpha_mix_eager, dense=None,
-                     mtlfast=alpha_mix_fn, flops=alpha_mix_flops)
+                     mtlfast=alpha_mix_fn, flops=alpha_mix_flops, variants={"mtlfast-custom-op": alpha_mix_custom_op})
 
 register(ALPHA_SPEC, ALPHA_WORKLOADS)
 
@@ -333,6 +348,7 @@ LSTM_WORKLOADS = (
 )
 
 LSTM_SPEC = OpBench(op=LSTM_OP, make_inputs=sluice_inputs, eager=sluice_eager, dense=None, mtlfast=sluice_lstm_fn,
-                    flops=sluice_flops, variants={"eager-hard-sharing": sluice_hard_sharing})
+                    flops=sluice_flops, variants={"eager-hard-sharing": sluice_hard_sharing},
+                    library_ops=("masked_lstm_layer", "alpha_mix"))
 
 register(LSTM_SPEC, LSTM_WORKLOADS)

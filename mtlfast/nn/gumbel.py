@@ -18,13 +18,12 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from mtlfast import _checks
 from mtlfast.ops.gumbel import allocation_combine, gumbel_pairs
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: argument '{name}' must be an int >= 1, got {value!r}")
-    return value
+    return _checks.integer(owner, name, value, low=1)
 
 
 class GumbelMatrix(nn.Module):
@@ -100,8 +99,7 @@ class GumbelMatrix(nn.Module):
     def forward(self, task: int) -> List[torch.Tensor]:
         """Task ``task``'s allocation per layer: a list of (C_l,) 0/1 rows (sampled with a
         straight-through gradient in training, greedy in eval)."""
-        if not isinstance(task, int) or not 0 <= task < self.num_tasks:
-            raise ValueError(f"GumbelMatrix: argument 'task' must be an int in [0, {self.num_tasks}), got {task!r}")
+        _checks.integer("GumbelMatrix", "task", task, 0, self.num_tasks)
         return self._split(self._allocate(self.logits[task]))
 
     def sample_all(self) -> List[torch.Tensor]:

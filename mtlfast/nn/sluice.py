@@ -14,6 +14,7 @@ from typing import List, Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
+from mtlfast import _checks
 from mtlfast.ops.masked_lstm import run_layer
 from mtlfast.ops.sluice import alpha_mix, layer_mix, orthogonality_penalty
 
@@ -25,9 +26,7 @@ OWN_TASK_SHARE = 0.9
 
 
 def _positive_int(owner: str, name: str, value: object) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{owner}: argument '{name}' must be an int >= 1, got {value!r}")
-    return value
+    return _checks.integer(owner, name, value, low=1)
 
 
 def initial_alpha(num_tasks: int, num_subspaces: int, init: Union[str, torch.Tensor]) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
+from mtlfast import _checks
 from mtlfast._checks import ArgumentError, ArgumentTypeError, UnsupportedError
 from mtlfast.ops.common import select
 from mtlfast.ops.masked_lstm import run_layer
@@ -142,8 +143,7 @@ class SparseSharingLSTM(nn.Module):
                 for kind, cols in (("ih", self._layer_input_size(layer)), ("hh", self.hidden_size))]
 
     def _mask_slot(self, task: int, name: str) -> Tuple[torch.Tensor, int]:
-        if isinstance(task, bool) or not isinstance(task, int) or not 0 <= task < self.num_tasks:
-            raise ValueError(f"SparseSharingLSTM: argument 'task' must be an int in [0, {self.num_tasks}), got {task!r}")
+        _checks.integer("SparseSharingLSTM", "task", task, 0, self.num_tasks)
         if name not in self.masked_parameter_names():
             raise ValueError(f"SparseSharingLSTM: argument 'name' must be one of "
                              f"{self.masked_parameter_names()}, got {name!r}")

@@ -23,8 +23,10 @@ import torch
 POLICIES = ("lower", "fp32", "keep")
 
 
-def accumulation_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    """float64 if any of ``dtypes`` is, else float32: low precision accumulates in fp32."""
+def accumulation_dtype(*items: "torch.dtype | torch.Tensor") -> torch.dtype:
+    """float64 if any of ``items`` (dtypes or tensors) is, else float32: the one rule of mtlfast's
+    precision, low precision accumulates in fp32."""
+    dtypes = [i.dtype if isinstance(i, torch.Tensor) else i for i in items]
     return torch.float64 if torch.float64 in dtypes else torch.float32
 
 

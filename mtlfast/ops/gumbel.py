@@ -19,7 +19,6 @@ an allocation.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from typing import Optional, Union
 
@@ -27,16 +26,10 @@ import torch
 
 from mtlfast import _checks, backends
 from mtlfast.ops import common
+from mtlfast.ops.definition import TRITON_DTYPES, OpDefinition
 
 Tau = Union[float, torch.Tensor]
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_CPU_DTYPES = (torch.float32, torch.float64)
-_KERNEL_MODULES = {"cpu": "mtlfast.ops.gumbel_cpu", "triton": "mtlfast.triton_kernels.gumbel"}
 _SEED_BOUND = 2 ** 62
-
-
-def _kernels(backend: str):
-    return importlib.import_module(_KERNEL_MODULES[backend])
 
 
 def _seed_tensor(generator: Optional[torch.Generator] = None) -> torch.Tensor:
@@ -72,17 +65,13 @@ def gumbel_noise(seed: int, n: int, device: torch.device) -> torch.Tensor:
     return -torch.log(-torch.log(_noise_uniform(seed, n, device)))
 
 
-def _acc(x: torch.Tensor) -> torch.dtype:
-    return common.accumulation_dtype(x.dtype)
-
-
 def _straight_through(hard: torch.Tensor, soft: torch.Tensor) -> torch.Tensor:
     """hard in the forward value exactly (soft - soft is exactly 0), soft's gradient."""
     return hard + (soft - soft.detach())
 
 
 def gumbel_sigmoid_reference(logits: torch.Tensor, tau: Tau, hard: bool, seed: int) -> torch.Tensor:
-    acc = _acc(logits)
+    acc = common.accumulation_dtype(logits)
     v = logits.to(acc) + logistic_noise(seed, logits.numel(), logits.device).view(logits.shape).to(acc)
     soft = torch.sigmoid(v / _tau_tensor(tau, logits))
     out = _straight_through((v > 0).to(acc), soft) if hard else soft
@@ -92,13 +81,13 @@ def gumbel_sigmoid_reference(logits: torch.Tensor, tau: Tau, hard: bool, seed: i
 def gumbel_pairs_reference(logits: torch.Tensor, tau: Tau, hard: bool, seed: int) -> torch.Tensor:
     """logits (..., 2) complementary pairs -> (...): 1 where component 0 of the pair wins. The
     difference is taken in the accumulation dtype (float64 pairs keep float64 differences)."""
-    acc = _acc(logits)
+    acc = common.accumulation_dtype(logits)
     diff = logits[..., 0].to(acc) - logits[..., 1].to(acc)
     return gumbel_sigmoid_reference(diff, tau, hard, seed).to(logits.dtype)
 
 
 def gumbel_softmax_reference(logits: torch.Tensor, tau: Tau, hard: bool, dim: int, seed: int) -> torch.Tensor:
-    acc = _acc(logits)
+    acc = common.accumulation_dtype(logits)
     moved = logits.movedim(dim, -1)
     v = moved.to(acc) + gumbel_noise(seed, moved.numel(), logits.device).view(moved.shape).to(acc)
     # the max is subtracted before dividing: (v - max) / tau cannot overflow for any tau > 0
@@ -123,7 +112,7 @@ def allocation_combine_reference(outputs: torch.Tensor, z: torch.Tensor) -> torc
 def _tau_range(logits: torch.Tensor) -> tuple:
     """The taus a sample of ``logits`` accepts: the normal numbers of the dtype it is computed in,
     so neither tau nor 1/tau (the slope's factor) is 0 or inf there."""
-    info = torch.finfo(_acc(logits))
+    info = torch.finfo(common.accumulation_dtype(logits))
     return info.tiny, info.max
 
 
@@ -131,7 +120,7 @@ def _tau_tensor(tau: Tau, like: torch.Tensor) -> torch.Tensor:
     """tau as a 0-d tensor in the accumulation dtype of ``like``, on its device. A tensor tau is
     clamped into the accepted range on the device: one that could not be checked on the host (on a
     GPU that would be a sync; under torch.compile it is data) still yields no inf or NaN."""
-    acc = _acc(like)
+    acc = common.accumulation_dtype(like)
     if isinstance(tau, torch.Tensor):
         low, high = _tau_range(like)
         return tau.detach().to(device=like.device, dtype=acc).reshape(()).clamp(min=low, max=high)
@@ -144,7 +133,7 @@ def _validate(op: str, logits: object, tau: object, pairs: bool = False) -> None
         raise ValueError(f"{op}: argument 'logits' must have a last dim of 2 (complementary pairs), "
                          f"got shape {tuple(logits.shape)}")
     low, high = _tau_range(logits)
-    expected = (f"finite and > 0, in [{low:.4g}, {high:.4g}] (a normal {_checks._dtype_name(_acc(logits))} "
+    expected = (f"finite and > 0, in [{low:.4g}, {high:.4g}] (a normal {_checks._dtype_name(common.accumulation_dtype(logits))} "
                 f"number, the dtype the sample is computed in)")
     if isinstance(tau, torch.Tensor):
         if tau.numel() != 1 or not tau.is_floating_point():
@@ -175,140 +164,77 @@ def _validate_combine(outputs: object, z: object) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Backend support
+# The op definitions (mtlfast/ops/definition.py) over the cpu and triton adapters. The seed is a
+# (1,) int64 CPU tensor throughout: torch.compile traces it as data, read inside the opaque op.
 
-def _register(name: str, cpu_reason: Optional[str] = None) -> backends.Op:
-    op = backends.register_op(backends.Op(
-        name, device_of=lambda first, *rest: first.device,
-        selection_key=lambda first, *rest: (first.device, first.dtype),
-        preference={"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}))
-    op.supports("reference")(lambda first, *rest: None)
-
-    @op.supports("triton")
-    def _triton(first, *rest) -> backends.Reason:
-        if first.dtype not in _TRITON_DTYPES:
-            return f"triton {name} takes float16, bfloat16 or float32, got {first.dtype}"
-        return None
-
-    @op.supports("cpu")
-    def _cpu(first, *rest) -> backends.Reason:
-        if cpu_reason:
-            return cpu_reason
-        if first.dtype not in _CPU_DTYPES:
-            return f"the cpu {name} takes float32 or float64, got {first.dtype}"
-        return None
-
-    op.supports("cuda")(lambda first, *rest: f"no CUDA C++ kernel for {name}; the triton backend runs it on GPUs")
-    return op
+_ADAPTERS = {"cpu": "mtlfast.ops.gumbel_cpu", "triton": "mtlfast.ops.gumbel_triton"}
+_DTYPES = {"triton": TRITON_DTYPES, "cpu": (torch.float32, torch.float64)}
+_NO_CUDA = "no CUDA C++ kernel for {}; the triton backend runs it on GPUs"
+# a sample is elementwise (no accumulation): float32 results agree to a few ulp
+_SAMPLE_TOLERANCES = {torch.float32: (1e-5, 1e-5)}
 
 
-SIGMOID = _register("gumbel_sigmoid")
-SOFTMAX = _register("gumbel_softmax")
-COMBINE = _register("allocation_combine",
-                    cpu_reason="no CPU kernel for allocation_combine: torch's ops (the reference) are the CPU path")
-# GumbelMatrix as a whole (its sampler is the pair form of gumbel_sigmoid), for reporting
-GUMBEL_MATRIX = _register("gumbel_matrix")
-
-
-# ---------------------------------------------------------------------------------------------
-# Custom ops (torch.compile) and autograd Functions (eager) over the backends' kernels
-
-@torch.library.custom_op("mtlfast::gumbel_sigmoid", mutates_args=())
-def _sigmoid_op(logits: torch.Tensor, tau: torch.Tensor, seed: torch.Tensor, hard: bool, pairs: bool,
-                backend: str) -> torch.Tensor:
-    k = _kernels(backend)
+def _sigmoid_forward(k, args, save):
+    logits, tau, seed, hard, pairs = args
     fwd = k.gumbel_pairs_forward if pairs else k.gumbel_sigmoid_forward
-    return fwd(logits, tau, int(seed), hard)
+    return (fwd(logits, tau, int(seed), hard),), (), None
 
 
-@_sigmoid_op.register_fake
-def _(logits, tau, seed, hard, pairs, backend):
-    return logits.new_empty(logits.shape[:-1] if pairs else logits.shape)
-
-
-@torch.library.custom_op("mtlfast::gumbel_sigmoid_backward", mutates_args=())
-def _sigmoid_backward_op(grad: torch.Tensor, logits: torch.Tensor, tau: torch.Tensor, seed: torch.Tensor,
-                         pairs: bool, backend: str) -> torch.Tensor:
-    k = _kernels(backend)
+def _sigmoid_backward(k, args, saved, cache, needs, grads):
+    logits, tau, seed, hard, pairs = args
     bwd = k.gumbel_pairs_backward if pairs else k.gumbel_sigmoid_backward
-    return bwd(grad.contiguous(), logits, tau, int(seed))
+    return bwd(grads[0].contiguous(), logits, tau, int(seed)), None, None, None, None
 
 
-@_sigmoid_backward_op.register_fake
-def _(grad, logits, tau, seed, pairs, backend):
-    return torch.empty_like(logits)
+def _sigmoid_soft(logits, tau, seed, hard, pairs):
+    """What a sample's gradient is the gradient of: its soft value, from the same noise."""
+    ref = gumbel_pairs_reference if pairs else gumbel_sigmoid_reference
+    return ref(logits, tau, False, int(seed))
 
 
-def _sigmoid_setup(ctx, inputs, output):
-    logits, tau, seed, hard, pairs, backend = inputs
-    ctx.save_for_backward(logits, tau, seed)
-    ctx.pairs, ctx.backend = pairs, backend
+def _softmax_forward(k, args, save):
+    logits, tau, seed, hard = args
+    return (k.gumbel_softmax_forward(logits, tau, int(seed), hard),), (), None
 
 
-def _sigmoid_autograd(ctx, grad):
-    logits, tau, seed = ctx.saved_tensors
-    return (torch.ops.mtlfast.gumbel_sigmoid_backward(grad, logits, tau, seed, ctx.pairs, ctx.backend),
-            None, None, None, None, None)
+def _softmax_backward(k, args, saved, cache, needs, grads):
+    logits, tau, seed, hard = args
+    return k.gumbel_softmax_backward(grads[0].contiguous(), logits, tau, int(seed)), None, None, None
 
 
-_sigmoid_op.register_autograd(_sigmoid_autograd, setup_context=_sigmoid_setup)
+def _combine_forward(k, args, save):
+    outputs, z = args
+    return (k.allocation_combine_forward(outputs, z),), (), None
 
 
-class _GumbelSigmoid(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, tau, seed, hard, pairs, backend):
-        ctx.save_for_backward(logits, tau)
-        ctx.seed, ctx.pairs, ctx.backend = seed, pairs, backend
-        k = _kernels(backend)
-        return (k.gumbel_pairs_forward if pairs else k.gumbel_sigmoid_forward)(logits, tau, seed, hard)
-
-    @staticmethod
-    def backward(ctx, grad):
-        logits, tau = ctx.saved_tensors
-        if common.differentiable_backward(grad):     # create_graph=True: differentiate the soft reference (same gradient)
-            ref = gumbel_pairs_reference if ctx.pairs else gumbel_sigmoid_reference
-            (dlogits,) = common.reference_grads(lambda x: ref(x, tau, False, ctx.seed), (logits,),
-                                                ctx.needs_input_grad[:1], (grad,))
-            return dlogits, None, None, None, None, None
-        k = _kernels(ctx.backend)
-        bwd = k.gumbel_pairs_backward if ctx.pairs else k.gumbel_sigmoid_backward
-        return bwd(grad.contiguous(), logits, tau, ctx.seed), None, None, None, None, None
+def _combine_backward(k, args, saved, cache, needs, grads):
+    outputs, z = args
+    return k.allocation_combine_backward(grads[0].contiguous(), outputs, z)
 
 
-class _GumbelSoftmax(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, tau, seed, hard, backend):
-        ctx.save_for_backward(logits, tau)
-        ctx.seed, ctx.backend = seed, backend
-        return _kernels(backend).gumbel_softmax_forward(logits, tau, seed, hard)
+GUMBEL_SIGMOID = OpDefinition(
+    "gumbel_sigmoid", "(Tensor logits, Tensor tau, Tensor seed, bool hard, bool pairs)",
+    reference=lambda logits, tau, seed, hard, pairs: (gumbel_pairs_reference if pairs else gumbel_sigmoid_reference)(
+        logits, tau, hard, int(seed)),
+    grad_reference=_sigmoid_soft, adapters=_ADAPTERS, dtypes=_DTYPES,
+    forward=_sigmoid_forward, backward=_sigmoid_backward, num_outputs=1,
+    fake=lambda args: ((args[0].new_empty(args[0].shape[:-1] if args[4] else args[0].shape),), ()),
+    no_kernel={"cuda": _NO_CUDA.format("gumbel_sigmoid")}, tolerances=_SAMPLE_TOLERANCES)
 
-    @staticmethod
-    def backward(ctx, grad):
-        logits, tau = ctx.saved_tensors
-        if common.differentiable_backward(grad):
-            (dlogits,) = common.reference_grads(lambda x: gumbel_softmax_reference(x, tau, False, -1, ctx.seed),
-                                                (logits,), ctx.needs_input_grad[:1], (grad,))
-            return dlogits, None, None, None, None
-        return (_kernels(ctx.backend).gumbel_softmax_backward(grad.contiguous(), logits, tau, ctx.seed),
-                None, None, None, None)
+GUMBEL_SOFTMAX = OpDefinition(
+    "gumbel_softmax", "(Tensor logits, Tensor tau, Tensor seed, bool hard)",
+    reference=lambda logits, tau, seed, hard: gumbel_softmax_reference(logits, tau, hard, -1, int(seed)),
+    grad_reference=lambda logits, tau, seed, hard: gumbel_softmax_reference(logits, tau, False, -1, int(seed)),
+    adapters=_ADAPTERS, dtypes=_DTYPES, forward=_softmax_forward, backward=_softmax_backward, num_outputs=1,
+    fake=lambda args: ((torch.empty_like(args[0]),), ()),
+    no_kernel={"cuda": _NO_CUDA.format("gumbel_softmax")}, tolerances=_SAMPLE_TOLERANCES)
 
-
-class _AllocationCombine(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, outputs, z, backend):
-        ctx.save_for_backward(outputs, z)
-        ctx.backend = backend
-        return _kernels(backend).allocation_combine_forward(outputs, z)
-
-    @staticmethod
-    def backward(ctx, grad):
-        outputs, z = ctx.saved_tensors
-        if common.differentiable_backward(grad):
-            doutputs, dz = common.reference_grads(allocation_combine_reference, (outputs, z),
-                                                  ctx.needs_input_grad[:2], (grad,))
-            return doutputs, dz, None
-        doutputs, dz = _kernels(ctx.backend).allocation_combine_backward(grad.contiguous(), outputs, z)
-        return doutputs, dz.to(z.dtype), None
+ALLOCATION_COMBINE = OpDefinition(
+    "allocation_combine", "(Tensor outputs, Tensor z)", reference=allocation_combine_reference,
+    adapters={"triton": _ADAPTERS["triton"]}, dtypes=_DTYPES, forward=_combine_forward, backward=_combine_backward,
+    num_outputs=1, fake=lambda args: ((args[0].new_empty(args[0].shape[1:]),), ()),
+    no_kernel={"cuda": _NO_CUDA.format("allocation_combine"),
+               "cpu": "no CPU kernel for allocation_combine: torch's ops (the reference) are the CPU path"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -319,17 +245,15 @@ def _sample(logits: torch.Tensor, tau: Tau, hard: bool, generator: Optional[torc
             op: str) -> torch.Tensor:
     _validate(op, logits, tau, pairs)
     seed = _seed_tensor(generator)
-    backend = SIGMOID.select(logits)
-    x = logits.contiguous()
-    if torch.compiler.is_compiling():   # the seed stays a tensor: read inside the opaque op
-        if backend == "reference":
-            raise backends.BackendUnavailableError(f"{op}: the reference backend does not run under torch.compile "
-                                                   "(its noise needs the seed's value); use cpu or triton")
-        return torch.ops.mtlfast.gumbel_sigmoid(x, _tau_tensor(tau, logits), seed, hard, pairs, backend)
-    if backend == "reference" or common.transforms_active() or not logits.numel():
+    backend = GUMBEL_SIGMOID.select(logits)
+    compiling = torch.compiler.is_compiling()
+    if compiling and backend == "reference":
+        raise backends.BackendUnavailableError(f"{op}: the reference backend does not run under torch.compile "
+                                               "(its noise needs the seed's value); use cpu or triton")
+    if backend == "reference" or not (logits.numel() or compiling):
         ref = gumbel_pairs_reference if pairs else gumbel_sigmoid_reference
         return ref(logits, tau, hard, int(seed))
-    return _GumbelSigmoid.apply(x, _tau_tensor(tau, logits), int(seed), hard, pairs, backend)
+    return GUMBEL_SIGMOID(backend, logits.contiguous(), _tau_tensor(tau, logits), seed, hard, pairs)
 
 
 @common.autocast("keep")
@@ -386,13 +310,13 @@ def gumbel_softmax(logits: torch.Tensor, tau: Tau = 1.0, hard: bool = False, dim
             raise ValueError(f"gumbel_softmax: argument 'logits' has no category along dim {dim} (shape "
                              f"{tuple(logits.shape)}): a hard sample needs at least one")
         return logits * 0       # empty, and still part of the graph
-    seed = draw_seed(generator)
-    backend = SOFTMAX.select(logits)
-    if backend == "reference" or common.transforms_active() or not logits.numel():
-        return gumbel_softmax_reference(logits, tau, hard, dim, seed)
+    seed = _seed_tensor(generator)
+    backend = GUMBEL_SOFTMAX.select(logits)
+    if backend == "reference" or not logits.numel():
+        return gumbel_softmax_reference(logits, tau, hard, dim, int(seed))
     moved = logits.movedim(dim, -1)
     flat = moved.reshape(-1, moved.shape[-1]).contiguous()
-    out = _GumbelSoftmax.apply(flat, _tau_tensor(tau, logits), seed, hard, backend)
+    out = GUMBEL_SOFTMAX(backend, flat, _tau_tensor(tau, logits), seed, hard)
     return out.view(moved.shape).movedim(-1, dim)
 
 
@@ -408,8 +332,8 @@ def allocation_combine(outputs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         (...) in outputs' dtype, fp32 accumulation (fp64 if either is float64).
     """
     _validate_combine(outputs, z)
-    backend = COMBINE.select(outputs, z)
-    if backend == "reference" or common.transforms_active() or not outputs.numel():
+    backend = ALLOCATION_COMBINE.select(outputs, z)
+    if backend == "reference" or not outputs.numel():
         return allocation_combine_reference(outputs, z)
     flat = outputs.reshape(outputs.shape[0], -1).contiguous()
-    return _AllocationCombine.apply(flat, z, backend).view(outputs.shape[1:])
+    return ALLOCATION_COMBINE(backend, flat, z).view(outputs.shape[1:])

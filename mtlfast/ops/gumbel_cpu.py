@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import torch
 
-from mtlfast._native import _C, capsule as _cap, threads as _threads
+from mtlfast._native import capsule as _cap, lib, threads as _threads
+from mtlfast.ops.common import accumulation_dtype
 
 
 def _sigmoid_forward(logits: torch.Tensor, tau: torch.Tensor, seed: int, hard: bool, pairs: bool) -> torch.Tensor:
@@ -15,7 +16,7 @@ def _sigmoid_forward(logits: torch.Tensor, tau: torch.Tensor, seed: int, hard: b
     z's shape). tau at full precision: a float64 tau stays float64 up to the kernel."""
     x = logits.contiguous()
     z = x.new_empty(x.shape[:-1] if pairs else x.shape)
-    _C().gumbel_sigmoid_forward(_cap(x), float(tau), seed, hard, _cap(z), _threads())
+    lib().gumbel_sigmoid_forward(_cap(x), float(tau), seed, hard, _cap(z), _threads())
     return z
 
 
@@ -24,7 +25,7 @@ def _sigmoid_backward(grad: torch.Tensor, logits: torch.Tensor, tau: torch.Tenso
     x = logits.contiguous()
     grad = grad.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
-    _C().gumbel_sigmoid_backward(_cap(grad), _cap(x), float(tau), seed, _cap(dx), _threads())
+    lib().gumbel_sigmoid_backward(_cap(grad), _cap(x), float(tau), seed, _cap(dx), _threads())
     return dx
 
 
@@ -47,13 +48,13 @@ def gumbel_pairs_backward(grad, logits, tau, seed):
 def uniform(seed: int, n: int) -> torch.Tensor:
     """u (n,) float32 of the Philox stream (seed, 0 .. n-1)."""
     u = torch.empty(n, dtype=torch.float32)
-    _C().philox_uniform(seed, 0, _cap(u), _threads())
+    lib().philox_uniform(seed, 0, _cap(u), _threads())
     return u
 
 
 def _soft(logits: torch.Tensor, tau: torch.Tensor, seed: int) -> torch.Tensor:
     """softmax((x + g) / tau) over the last dim of (R, C), in the accumulation dtype."""
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits.dtype)
     g = -torch.log(-torch.log(uniform(seed, logits.numel()))).view(logits.shape)
     v = logits.to(acc) + g.to(acc)
     # the max is subtracted before dividing: (v - max) / tau cannot overflow for any tau > 0

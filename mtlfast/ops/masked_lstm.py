@@ -1,4 +1,4 @@
-"""Grouped masked LSTM layer: the op behind sparse sharing (and, later, sluice networks).
+"""Grouped masked LSTM layer: the op behind sparse sharing and sluice networks.
 
 G groups run together in one call. Group g reads its own input x[g], uses the weight set
 ``weight_index[g]`` (one shared base set for sparse sharing, one per task for sluice networks)
@@ -8,23 +8,23 @@ output zeros. The directions of a bidirectional layer are groups too, so every t
 directions of a layer run in the same launches.
 
 - ``masked_lstm_layer_reference``: a per-group, per-step loop with autograd; the oracle.
-- Fast paths: one orchestration (``_MaskedLSTMLayer``: project every step and group with one
-  masked GEMM, recur, and in backward one masked GEMM each for dW_ih, dW_hh and dx) over a
-  backend's kernels: ``masked_lstm_cpu`` (batched BLAS + a native fused recurrence; CPU) or
-  Triton (GPU). Everything stays in time order: the recurrences walk reverse groups backwards
+- ``MASKED_LSTM_LAYER``: the op's one definition (definition.py): one orchestration (project every
+  step and group with one masked GEMM, recur, and in backward one masked GEMM each for dW_ih,
+  dW_hh and dx) over a backend's kernels (``MaskedLSTMKernels``): ``masked_lstm_cpu`` (batched
+  BLAS + a native fused recurrence) or ``masked_lstm_triton`` (GPU). Everything stays in time order: the recurrences walk reverse groups backwards
   within each length themselves, so no sequence is ever reversed in memory.
 """
 from __future__ import annotations
 
-import importlib
-from typing import List, Optional, Tuple
+from typing import NamedTuple, Optional, Protocol, Tuple
 
 import torch
 
-from mtlfast import _checks, backends
+from mtlfast import _checks
 from mtlfast.ops import common
+from mtlfast.ops.definition import FLOAT_DTYPES, TRITON_DTYPES, OpDefinition
 
-OP = "masked_lstm"
+OP = "masked_lstm_layer"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -100,11 +100,57 @@ def masked_lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index,
 # ---------------------------------------------------------------------------------------------
 # The fast path: one orchestration over a backend's kernels
 
-_KERNEL_MODULES = {"cpu": "mtlfast.ops.masked_lstm_cpu", "triton": "mtlfast.ops.masked_lstm_triton"}
+class Weights(Protocol):
+    """A backend's prepared weight set for a layer's groups (what ``prepare`` returns): opaque to
+    the orchestration, read by the backend's own kernels."""
 
 
-def _kernels(backend: str):
-    return importlib.import_module(_KERNEL_MODULES[backend])
+class MaskedLSTMKernels(Protocol):
+    """The kernel interface a backend's adapter (``ops/masked_lstm_<backend>.py``) implements.
+    Shapes: G groups, T steps (every array in time order; reverse groups run backwards within each
+    row's length), B batch rows, H hidden, R = T*B rows, gates in torch.nn.LSTM order (i, f, g, o);
+    activations, state and gradients in the accumulation dtype (fp32; fp64 for fp64 inputs)."""
+
+    def prepare(self, weight: torch.Tensor, weight_index: torch.Tensor, masks: Optional[torch.Tensor],
+                mask_index: torch.Tensor) -> Weights:
+        """weight (S, N, K), masks (P, N, K) bool or None, indices (G,) -> each group's masked weight."""
+
+    def project(self, x: torch.Tensor, weights: Weights, bias: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (G, R, K) -> (G, R, N): x @ W_mᵀ (+ bias (G, N))."""
+
+    def grad_input(self, dy: torch.Tensor, weights: Weights) -> torch.Tensor:
+        """dy (G, R, N) -> (G, R, K) = dy @ W_m."""
+
+    def grad_weight(self, dy: torch.Tensor, x: torch.Tensor, weights: Weights) -> torch.Tensor:
+        """(G, N, K) = M ⊙ (dyᵀ @ x), exactly 0 outside each group's mask."""
+
+    def forward_recurrence(self, xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weights: Weights,
+                           lengths: torch.Tensor, reverse: torch.Tensor, save: bool = True) -> Tuple[torch.Tensor, ...]:
+        """xproj (G, T, B, 4H) -> hs (G, T, B, H) (0 at padded steps), h_n, c_n (G, B, H), and for
+        backward gates (G, T, B, 4H) activated, cells (G, T, B, H), h_prev (G, T, B, H) (the h that
+        entered each step); a backend may return None for the last three when not ``save``."""
+
+    def backward_recurrence(self, dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, gates: torch.Tensor,
+                            cells: torch.Tensor, c0: torch.Tensor, weights: Weights, lengths: torch.Tensor,
+                            reverse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> dgates (G, T, B, 4H) w.r.t. the pre-activations (0 at padded steps), dh0, dc0."""
+
+
+class _Args(NamedTuple):
+    """The op's arguments by name (schema order)."""
+    x: torch.Tensor
+    h0: torch.Tensor
+    c0: torch.Tensor
+    w_ih: torch.Tensor
+    w_hh: torch.Tensor
+    b_ih: Optional[torch.Tensor]
+    b_hh: Optional[torch.Tensor]
+    weight_index: torch.Tensor
+    masks_ih: Optional[torch.Tensor]
+    masks_hh: Optional[torch.Tensor]
+    mask_index: torch.Tensor
+    lengths: torch.Tensor
+    reverse: torch.Tensor
 
 
 def _group_sum(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -> torch.Tensor:
@@ -114,189 +160,74 @@ def _group_sum(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -
     return out.index_add_(0, weight_index, grads)
 
 
-def _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index,
-                   lengths, reverse, save=True):
-    """-> (y, h_n, c_n) and what backward needs: (h_prev, gates, cells, prepared ih, prepared hh);
-    a backend may skip storing h_prev, gates and cells (None) when not ``save``."""
-    k = _kernels(backend)
-    G, T, B, _ = x.shape
-    H = w_hh.shape[-1]
-    ih = k.prepare(w_ih, weight_index, masks_ih, mask_index)
-    hh = k.prepare(w_hh, weight_index, masks_hh, mask_index)
-    acc = common.accumulation_dtype(x.dtype)  # state and accumulation
-    bias = (b_ih + b_hh).to(acc).index_select(0, weight_index) if b_ih is not None else None
-    xproj = k.project(x.reshape(G, T * B, x.shape[-1]), ih, bias).view(G, T, B, 4 * H)
-    y, h_n, c_n, gates, cells, h_prev = k.forward_recurrence(xproj, h0.to(acc), c0.to(acc), hh, lengths, reverse,
-                                                             save)
-    return (y.to(x.dtype), h_n.to(x.dtype), c_n.to(x.dtype)), (h_prev, gates, cells, ih, hh)
+def _prepare(k: MaskedLSTMKernels, a: _Args) -> Tuple[Weights, Weights]:
+    return (k.prepare(a.w_ih, a.weight_index, a.masks_ih, a.mask_index),
+            k.prepare(a.w_hh, a.weight_index, a.masks_hh, a.mask_index))
 
 
-def _layer_backward(backend, need, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, weight_index, mask_index, lengths,
-                    reverse, h_prev, gates, cells, ih, hh, has_bias):
-    """need = (x, h0, c0, w_ih, w_hh, bias) flags -> (dx, dh0, dc0, dw_ih, dw_hh, dbias), None where
-    not needed."""
-    k = _kernels(backend)
-    G, T, B, _ = x.shape
-    H = w_hh.shape[-1]
+def _forward(k: MaskedLSTMKernels, args: tuple, save: bool):
+    """-> (y, h_n, c_n), saved (h_prev, gates, cells), cache (prepared ih, hh): project every step and
+    group with one masked GEMM, then one recurrence call."""
+    a = _Args(*args)
+    G, T, B, _ = a.x.shape
+    H = a.w_hh.shape[-1]
+    ih, hh = _prepare(k, a)
+    acc = common.accumulation_dtype(a.x.dtype)  # state and accumulation
+    bias = (a.b_ih + a.b_hh).to(acc).index_select(0, a.weight_index) if a.b_ih is not None else None
+    xproj = k.project(a.x.reshape(G, T * B, a.x.shape[-1]), ih, bias).view(G, T, B, 4 * H)
+    y, h_n, c_n, gates, cells, h_prev = k.forward_recurrence(xproj, a.h0.to(acc), a.c0.to(acc), hh, a.lengths,
+                                                             a.reverse, save)
+    return (y.to(a.x.dtype), h_n.to(a.x.dtype), c_n.to(a.x.dtype)), (h_prev, gates, cells), (ih, hh)
+
+
+def _backward(k: MaskedLSTMKernels, args: tuple, saved: tuple, cache, needs: tuple, grads: tuple):
+    """One backward recurrence, then one masked GEMM each for dx, dW_ih and dW_hh over every group."""
+    a, need = _Args(*args), _Args(*needs)
+    dy, dh_n, dc_n = grads
+    h_prev, gates, cells = saved
+    ih, hh = cache if cache is not None else _prepare(k, a)
+    G, T, B, _ = a.x.shape
+    H = a.w_hh.shape[-1]
     acc = gates.dtype
-    dgates, dh0, dc0 = k.backward_recurrence(dy.to(acc), dh_n.to(acc), dc_n.to(acc), gates, cells, c0.to(acc), hh,
-                                             lengths, reverse)
+    dgates, dh0, dc0 = k.backward_recurrence(dy.to(acc), dh_n.to(acc), dc_n.to(acc), gates, cells, a.c0.to(acc), hh,
+                                             a.lengths, a.reverse)
     dg = dgates.reshape(G, T * B, 4 * H)    # rows at padded steps are 0: they add nothing below
-    dx = dw_ih = dw_hh = db = None
-    if need[0]:
-        dx = k.grad_input(dg, ih).view(G, T, B, -1).to(x.dtype)
-    if need[3]:
-        dw_ih = _group_sum(k.grad_weight(dg, x.reshape(G, T * B, x.shape[-1]), ih), weight_index,
-                           w_ih.shape[0]).to(w_ih.dtype)
-    if need[4]:
-        dw_hh = _group_sum(k.grad_weight(dg, h_prev.reshape(G, T * B, H), hh), weight_index,
-                           w_hh.shape[0]).to(w_hh.dtype)
-    if has_bias and need[5]:
-        db = _group_sum(dgates.sum(dim=(1, 2)), weight_index, w_ih.shape[0]).to(w_ih.dtype)
-    return (dx, dh0.to(h0.dtype) if need[1] else None, dc0.to(c0.dtype) if need[2] else None, dw_ih, dw_hh, db)
+    num_sets = a.w_ih.shape[0]
+    dx = k.grad_input(dg, ih).view(G, T, B, -1) if need.x else None
+    dw_ih = (_group_sum(k.grad_weight(dg, a.x.reshape(G, T * B, a.x.shape[-1]), ih), a.weight_index, num_sets)
+             if need.w_ih else None)
+    dw_hh = (_group_sum(k.grad_weight(dg, h_prev.reshape(G, T * B, H), hh), a.weight_index, num_sets)
+             if need.w_hh else None)
+    db = (_group_sum(dgates.sum(dim=(1, 2)), a.weight_index, num_sets)
+          if a.b_ih is not None and (need.b_ih or need.b_hh) else None)
+    # b_ih and b_hh get the same gradient (the definition gives the second its own tensor)
+    return (dx, dh0, dc0, dw_ih, dw_hh, db, db) + (None,) * 6
 
 
-def _two_bias_grads(db: Optional[torch.Tensor], need_ih: bool, need_hh: bool):
-    """b_ih and b_hh get the same gradient, but never the same tensor: autograd may keep a
-    returned gradient as ``.grad`` itself, and two parameters sharing one ``.grad`` would each
-    add every later accumulation twice."""
-    if db is None:
-        return None, None
-    return (db if need_ih else None), (db.clone() if need_ih and need_hh else db if need_hh else None)
+def _fake(args: tuple):
+    a = _Args(*args)
+    G, T, B, _ = a.x.shape
+    H = a.w_hh.shape[-1]
+    acc = common.accumulation_dtype(a.x.dtype)
+    x = a.x
+    return ((x.new_empty((G, T, B, H)), x.new_empty((G, B, H)), x.new_empty((G, B, H))),
+            (x.new_empty((G, T, B, H), dtype=acc), x.new_empty((G, T, B, 4 * H), dtype=acc),
+             x.new_empty((G, T, B, H), dtype=acc)))
 
 
-class _MaskedLSTMLayer(torch.autograd.Function):
-    """The eager path (a custom op costs ~60 µs more host time per call; see masked_linear)."""
-
-    @staticmethod
-    def forward(ctx, backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh,
-                mask_index, lengths, reverse):
-        out, (h_prev, gates, cells, ih, hh) = _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh,
-                                                             weight_index, masks_ih, masks_hh, mask_index,
-                                                             lengths, reverse, save=any(ctx.needs_input_grad))
-        ctx.save_for_backward(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index,
-                              lengths, reverse, h_prev, gates, cells)
-        ctx.backend, ctx.ih, ctx.hh, ctx.has_bias = backend, ih, hh, b_ih is not None
-        return out
-
-    @staticmethod
-    def backward(ctx, dy, dh_n, dc_n):
-        saved = ctx.saved_tensors
-        n = ctx.needs_input_grad
-        if common.differentiable_backward(dy, dh_n, dc_n):     # create_graph=True: differentiate the reference instead
-            return (None, *common.reference_grads(masked_lstm_layer_reference, saved[:13], n[1:], (dy, dh_n, dc_n)))
-        x, h0, c0, w_ih, w_hh, _, _, weight_index, _, _, mask_index, lengths, reverse, h_prev, gates, cells = saved
-        dx, dh0, dc0, dw_ih, dw_hh, db = _layer_backward(
-            ctx.backend, (n[1], n[2], n[3], n[4], n[5], n[6] or n[7]), dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh,
-            weight_index, mask_index, lengths, reverse, h_prev, gates, cells, ctx.ih, ctx.hh, ctx.has_bias)
-        db_ih, db_hh = _two_bias_grads(db, n[6], n[7])
-        return (None, dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None, None, None)
+MASKED_LSTM_LAYER = OpDefinition(
+    OP, "(Tensor x, Tensor h0, Tensor c0, Tensor w_ih, Tensor w_hh, Tensor? b_ih, Tensor? b_hh, "
+        "Tensor weight_index, Tensor? masks_ih, Tensor? masks_hh, Tensor mask_index, Tensor lengths, "
+        "Tensor reverse)",
+    reference=masked_lstm_layer_reference,
+    adapters={"cpu": "mtlfast.ops.masked_lstm_cpu", "triton": "mtlfast.ops.masked_lstm_triton"},
+    dtypes={"cpu": FLOAT_DTYPES, "triton": TRITON_DTYPES},
+    forward=_forward, backward=_backward, fake=_fake, num_outputs=3, num_saved=3,
+    no_kernel={"cuda": "no CUDA C++ kernel for masked_lstm_layer; the triton backend runs it on GPUs"})
 
 
 # ---------------------------------------------------------------------------------------------
-# The custom ops torch.compile sees (one opaque node each, fake kernels, autograd)
-
-@torch.library.custom_op("mtlfast::masked_lstm_layer", mutates_args=())
-def _layer_op(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
-              b_ih: Optional[torch.Tensor], b_hh: Optional[torch.Tensor], weight_index: torch.Tensor,
-              masks_ih: Optional[torch.Tensor], masks_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
-              lengths: torch.Tensor, reverse: torch.Tensor, backend: str
-              ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """-> (y, h_n, c_n) and, for backward, (h_prev, gates, cells); all fresh and contiguous. Masks are
-    bool; a backend that reads them packed packs them inside, on every call."""
-    out, (h_prev, gates, cells, _, _) = _layer_forward(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index,
-                                                       masks_ih, masks_hh, mask_index, lengths, reverse)
-    return tuple(t.contiguous() for t in (*out, h_prev, gates, cells))
-
-
-@_layer_op.register_fake
-def _layer_fake(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths,
-                reverse, backend):
-    G, T, B, _ = x.shape
-    H = w_hh.shape[-1]
-    acc = common.accumulation_dtype(x.dtype)
-    return (x.new_empty((G, T, B, H)), x.new_empty((G, B, H)), x.new_empty((G, B, H)),
-            x.new_empty((G, T, B, H), dtype=acc), x.new_empty((G, T, B, 4 * H), dtype=acc),
-            x.new_empty((G, T, B, H), dtype=acc))
-
-
-@torch.library.custom_op("mtlfast::masked_lstm_layer_backward", mutates_args=())
-def _layer_backward_op(dy: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, x: torch.Tensor,
-                       h0: torch.Tensor, c0: torch.Tensor, w_ih: torch.Tensor, w_hh: torch.Tensor,
-                       weight_index: torch.Tensor, masks_ih: Optional[torch.Tensor],
-                       masks_hh: Optional[torch.Tensor], mask_index: torch.Tensor, lengths: torch.Tensor,
-                       reverse: torch.Tensor, h_prev: torch.Tensor, gates: torch.Tensor, cells: torch.Tensor,
-                       has_bias: bool, backend: str) -> List[torch.Tensor]:
-    """-> [dx, dh0, dc0, dw_ih, dw_hh, dbias]; dbias is empty (0,) without biases."""
-    k = _kernels(backend)
-    ih = k.prepare(w_ih, weight_index, masks_ih, mask_index)
-    hh = k.prepare(w_hh, weight_index, masks_hh, mask_index)
-    grads = _layer_backward(backend, (True,) * 6, dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, weight_index, mask_index,
-                            lengths, reverse, h_prev, gates, cells, ih, hh, has_bias)
-    return [g.contiguous() if g is not None else w_ih.new_empty((0,)) for g in grads]
-
-
-@_layer_backward_op.register_fake
-def _layer_backward_fake(dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index,
-                         lengths, reverse, h_prev, gates, cells, has_bias, backend):
-    return [x.new_empty(x.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape), w_ih.new_empty(w_ih.shape),
-            w_hh.new_empty(w_hh.shape), w_ih.new_empty((w_ih.shape[0], w_ih.shape[1]) if has_bias else (0,))]
-
-
-def _layer_setup_context(ctx, inputs, output):
-    x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse, backend = inputs
-    _, _, _, h_prev, gates, cells = output
-    ctx.save_for_backward(x, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse,
-                          h_prev, gates, cells)
-    ctx.backend, ctx.has_bias = backend, b_ih is not None
-
-
-def _layer_autograd(ctx, dy, dh_n, dc_n, *unused):
-    x, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse, h_prev, gates, cells = \
-        ctx.saved_tensors
-    dx, dh0, dc0, dw_ih, dw_hh, db = torch.ops.mtlfast.masked_lstm_layer_backward(
-        dy, dh_n, dc_n, x, h0, c0, w_ih, w_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse,
-        h_prev, gates, cells, ctx.has_bias, ctx.backend)
-    db_ih, db_hh = _two_bias_grads(db if ctx.has_bias else None, ctx.needs_input_grad[5], ctx.needs_input_grad[6])
-    return (dx, dh0, dc0, dw_ih, dw_hh, db_ih, db_hh, None, None, None, None, None, None, None)
-
-
-_layer_op.register_autograd(_layer_autograd, setup_context=_layer_setup_context)
-
-
-# ---------------------------------------------------------------------------------------------
-# Dispatch and the public entry point
-
-DISPATCH = backends.register_op(backends.Op(
-    OP, device_of=lambda x, *rest: x.device, selection_key=lambda x, *rest: (x.device, x.dtype),
-    # The batched-PyTorch path wins on CPU over the reference's per-group loop.
-    preference={"cuda": ("triton", "reference"), "cpu": ("cpu", "reference")}))
-
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-@DISPATCH.supports("reference")
-def _reference_supports(x, *rest) -> backends.Reason:
-    return None
-
-
-@DISPATCH.supports("cpu")
-def _cpu_supports(x, *rest) -> backends.Reason:
-    if x.dtype not in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
-        return f"the cpu masked_lstm takes floating point input, got {x.dtype}"
-    return None
-
-
-@DISPATCH.supports("triton")
-def _triton_supports(x, *rest) -> backends.Reason:
-    if x.dtype not in _TRITON_DTYPES:
-        return f"triton masked_lstm takes float16, bfloat16 or float32, got {x.dtype}"
-    try:
-        _kernels("triton")
-    except ImportError as exc:
-        return f"the Triton masked_lstm kernels are not available ({exc})"
-    return None
-
+# Validation and the public entry point
 
 def _validate(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse):
     x = _checks.tensor(OP, "x", x, ndim=4, dtypes=_checks.FLOAT_DTYPES)
@@ -361,10 +292,30 @@ def masked_lstm_layer(x: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_ih:
                       weight_index: torch.Tensor, masks_ih: Optional[torch.Tensor],
                       masks_hh: Optional[torch.Tensor], mask_index: torch.Tensor, lengths: torch.Tensor,
                       reverse: torch.Tensor):
-    """One LSTM layer for G groups at once; arguments and returns as
-    :func:`masked_lstm_layer_reference`. Gradients of w_ih / w_hh are Σ over the groups using
-    a weight set of mask ⊙ that group's gradient. Under torch.autocast the floating inputs (unless
-    float64) are cast to the autocast dtype first, as torch.nn.LSTM's are."""
+    """One LSTM layer for G groups (task x direction) at once: the op under SparseSharingLSTM and
+    SluiceLSTM. Group g reads x[g], uses weight set ``weight_index[g]`` with mask ``mask_index[g]``
+    (-1: unmasked) and, when ``reverse[g]``, runs backwards in time within each row's length (as a
+    packed sequence: padded steps leave the state alone and output zeros). Gate order (i, f, g, o).
+
+    Args:
+        x: (G, T, B, I), float16/bfloat16/float32/float64.
+        h0, c0: (G, B, H), x's dtype.
+        w_ih: (S, 4H, I); w_hh: (S, 4H, H): S weight sets (1 shared set for sparse sharing, one per
+            task for sluice networks), x's dtype.
+        b_ih, b_hh: (S, 4H) or both None.
+        weight_index: (G,) int64 in [0, S).
+        masks_ih: (P, 4H, I) bool or None; masks_hh: (P, 4H, H) bool or None.
+        mask_index: (G,) int64 in [-1, P).
+        lengths: (G, B) int64 in [0, T].
+        reverse: (G,) bool.
+    Returns:
+        y (G, T, B, H) (zeros at padded steps), h_n and c_n (G, B, H), in x's dtype; state and
+        accumulation in fp32 (fp64 for fp64). Gradients of w_ih / w_hh are Σ over the groups using a
+        weight set of mask ⊙ that group's gradient: exactly 0 outside every mask that uses it. A
+        weight outside its group's mask never influences anything (not even an inf or NaN one).
+        Under torch.autocast the floating inputs (unless float64) are cast to the autocast dtype
+        first, as torch.nn.LSTM's are.
+    """
     _validate(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths, reverse)
     return run_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh, mask_index, lengths,
                      reverse)
@@ -375,12 +326,9 @@ def run_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_h
     """:func:`masked_lstm_layer` without its validation, for callers whose arguments are valid by
     construction (SparseSharingLSTM, SluiceLSTM, which validate once per forward): validation reads
     index ranges on the host, a device sync per layer on a GPU."""
-    backend = DISPATCH.select(x)
-    if backend == "reference" or common.transforms_active() or not x.numel():
+    backend = MASKED_LSTM_LAYER.select(x)
+    if backend == "reference" or not x.numel():
         return masked_lstm_layer_reference(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih,
                                            masks_hh, mask_index, lengths, reverse)
-    if torch.compiler.is_compiling():
-        return torch.ops.mtlfast.masked_lstm_layer(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih,
-                                                   masks_hh, mask_index, lengths, reverse, backend)[:3]
-    return _MaskedLSTMLayer.apply(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih,
-                                  masks_hh, mask_index, lengths, reverse)
+    return MASKED_LSTM_LAYER(backend, x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_hh,
+                             mask_index, lengths, reverse)

@@ -1,10 +1,10 @@
 """CPU kernels of the grouped masked LSTM. The large matmuls (the input projection of every step,
 dx and the weight gradients over all steps) are one batched BLAS call each over every group (task
 x direction); the recurrence, where each step's matmul has only B rows, is one native call per
-layer (csrc/cpu/lstm_recurrence.cpp) that fuses the recurrent matmul with the cell on weights
+layer (csrc/cpu/masked_lstm.cpp) that fuses the recurrent matmul with the cell on weights
 packed once per call, all steps and groups, on torch's thread count. Masks are applied by one
 native pass that reads the shared weight and the bool masks (no float copy of the masks). The
-Triton kernels implement the same interface on GPUs.
+Triton kernels implement the same interface (``MaskedLSTMKernels`` in masked_lstm.py) on GPUs.
 
 A "weights" handle is what ``prepare`` returns: per group, the masked weight (G, N, K), and the
 masks and indices to mask that group's weight gradient with. Shapes: G groups, T steps (every
@@ -17,12 +17,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
-
-def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-from mtlfast._native import _C as _native, capsule as _cap, threads as _threads
+from mtlfast._native import capsule as _cap, lib, threads as _threads
+from mtlfast.ops.common import accumulation_dtype
 
 
 class Weights(NamedTuple):
@@ -34,7 +30,7 @@ class Weights(NamedTuple):
 def _mask_select(src: torch.Tensor, index: Optional[torch.Tensor], masks: Optional[torch.Tensor],
                  mask_index: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out[g] = src[index[g]] (src[g] without index) where masks[mask_index[g]], else 0."""
-    _native().mask_select(_cap(src), _cap(index), _cap(masks), _cap(mask_index), _cap(out), _threads())
+    lib().mask_select(_cap(src), _cap(index), _cap(masks), _cap(mask_index), _cap(out), _threads())
     return out
 
 
@@ -87,7 +83,7 @@ def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, 
     cells, h_prev, gates = ((xproj.new_empty((G, T, B, H)), xproj.new_empty((G, T, B, H)), torch.empty_like(xproj))
                             if save else (None, None, None))
     h_n, c_n = torch.empty_like(h0), torch.empty_like(c0)
-    _native().lstm_forward(_cap(xproj), _cap(weights.masked), _cap(h0), _cap(c0), _cap(lengths), _cap(reverse),
+    lib().lstm_forward(_cap(xproj), _cap(weights.masked), _cap(h0), _cap(c0), _cap(lengths), _cap(reverse),
                            _cap(hs), _cap(gates), _cap(cells), _cap(h_prev), _cap(h_n), _cap(c_n), _threads())
     return hs, h_n, c_n, gates, cells, h_prev
 
@@ -103,7 +99,7 @@ def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tenso
     lengths, reverse = lengths.contiguous(), reverse.contiguous()
     dgates = torch.empty_like(gates)
     dh0, dc0 = torch.empty_like(dh_n), torch.empty_like(dc_n)
-    _native().lstm_backward(_cap(dhs), _cap(dh_n), _cap(dc_n), _cap(gates), _cap(cells), _cap(c0),
+    lib().lstm_backward(_cap(dhs), _cap(dh_n), _cap(dc_n), _cap(gates), _cap(cells), _cap(c0),
                             _cap(weights.masked), _cap(lengths), _cap(reverse), _cap(dgates), _cap(dh0), _cap(dc0),
                             _threads())
     return dgates, dh0, dc0

@@ -1,4 +1,4 @@
-"""CPU kernels of the sluice mixing ops (csrc/cpu/mixing.cpp): one pass over the inputs per call,
+"""CPU kernels of the sluice mixing ops (csrc/cpu/sluice.cpp): one pass over the inputs per call,
 the mixing-weight gradients reduced per thread in double. Same interface as the Triton launchers
 of mtlfast/triton_kernels/sluice.py. The kernels are float32 and float64; float16 and bfloat16
 inputs (what torch.autocast hands them) are computed in float32 and returned in their dtype. The
@@ -10,7 +10,8 @@ from typing import Tuple
 
 import torch
 
-from mtlfast._native import _C, capsule as _cap, threads as _threads
+from mtlfast._native import capsule as _cap, lib, threads as _threads
+from mtlfast.ops.common import accumulation_dtype
 
 
 def _weights(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -22,16 +23,12 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def _grad_dtype(like: torch.Tensor) -> torch.dtype:
-    return torch.float64 if like.dtype == torch.float64 else torch.float32
-
-
 def alpha_mix_forward(h: torch.Tensor, alpha: torch.Tensor, num_subspaces: int) -> torch.Tensor:
     """h (M, N, D) contiguous, alpha (MS, MS) -> (M, N, D). The native code reads S from alpha's
     shape (num_subspaces is what the other backends take)."""
     wide = _wide(h)
     out = torch.empty_like(wide)
-    _C().alpha_mix_forward(_cap(wide), _cap(_weights(alpha, wide)), _cap(out), _threads())
+    lib().alpha_mix_forward(_cap(wide), _cap(_weights(alpha, wide)), _cap(out), _threads())
     return out.to(h.dtype)
 
 
@@ -41,16 +38,16 @@ def alpha_mix_backward(dout: torch.Tensor, h: torch.Tensor, alpha: torch.Tensor,
     wide = _wide(h)
     dh = torch.empty_like(wide)
     dalpha = wide.new_empty(alpha.shape)
-    _C().alpha_mix_backward(_cap(dout.to(wide.dtype)), _cap(wide), _cap(_weights(alpha, wide)), _cap(dh), _cap(dalpha),
+    lib().alpha_mix_backward(_cap(dout.to(wide.dtype)), _cap(wide), _cap(_weights(alpha, wide)), _cap(dh), _cap(dalpha),
                             _threads())
-    return dh.to(h.dtype), dalpha.to(_grad_dtype(h))
+    return dh.to(h.dtype), dalpha.to(accumulation_dtype(h.dtype))
 
 
 def layer_mix_forward(layers: torch.Tensor, beta: torch.Tensor) -> torch.Tensor:
     """layers (K, M, N, D) contiguous, beta (M, K) -> (M, N, D)."""
     wide = _wide(layers)
     out = wide.new_empty(layers.shape[1:])
-    _C().layer_mix_forward(_cap(wide), _cap(_weights(beta, wide)), _cap(out), _threads())
+    lib().layer_mix_forward(_cap(wide), _cap(_weights(beta, wide)), _cap(out), _threads())
     return out.to(layers.dtype)
 
 
@@ -60,6 +57,6 @@ def layer_mix_backward(dout: torch.Tensor, layers: torch.Tensor,
     wide = _wide(layers)
     dlayers = torch.empty_like(wide)
     dbeta = wide.new_empty(beta.shape)
-    _C().layer_mix_backward(_cap(dout.to(wide.dtype)), _cap(wide), _cap(_weights(beta, wide)), _cap(dlayers),
+    lib().layer_mix_backward(_cap(dout.to(wide.dtype)), _cap(wide), _cap(_weights(beta, wide)), _cap(dlayers),
                             _cap(dbeta), _threads())
-    return dlayers.to(layers.dtype), dbeta.to(_grad_dtype(layers))
+    return dlayers.to(layers.dtype), dbeta.to(accumulation_dtype(layers.dtype))

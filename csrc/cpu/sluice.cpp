@@ -1,7 +1,7 @@
 // Loops over a row's d contiguous elements with restrict-qualified pointers: the shape gcc
 // vectorises. A row of every chunk (M*S*d elements) stays in L1 while all outputs of the row are
 // formed, so each element comes from memory once.
-#include "cpu/mixing.h"
+#include "cpu/sluice.h"
 
 #include <algorithm>
 #include <vector>

@@ -7,7 +7,7 @@
 // FMA peak at such shapes; here each group's weight is packed once per call into column panels,
 // a tile of up to 6 rows x 2 vectors keeps 12 accumulators in registers, and the cell runs on the
 // tile while it is still in L1, so the pre-activations never go back to memory.
-#include "cpu/lstm_recurrence.h"
+#include "cpu/masked_lstm.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,5 +1,6 @@
-"""Triton launchers for y = x @ (W ⊙ M)^T + b and its gradients: the one-group case of the masked
-GEMMs in masked_gemm.py (which read the mask bit-packed and never materialise W ⊙ M)."""
+"""masked_linear on the Triton kernels: the one-group case of the grouped masked GEMMs of
+mtlfast/triton_kernels/masked_gemm.py (which read the mask bit-packed and never materialise W ⊙ M).
+Implements the family's kernel interface (mtlfast/ops/masked_linear.py: ``MaskedLinearKernels``)."""
 from __future__ import annotations
 
 from typing import Optional, Tuple
@@ -20,24 +21,23 @@ def _index0(device: torch.device) -> torch.Tensor:
     return index
 
 
-def masked_linear_forward(x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor,
-                          bias: Optional[torch.Tensor]) -> torch.Tensor:
+def forward(x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor,
+            bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x (M, K), weight (N, K), mask_bits (N, ceil(K/32)) int32, bias (N,) or None -> (M, N)."""
     i0 = _index0(x.device)
     return grouped_masked_matmul(x.unsqueeze(0), weight.unsqueeze(0), i0, mask_bits.unsqueeze(0), i0,
                                  bias=bias.unsqueeze(0) if bias is not None else None)[0]
 
 
-def masked_linear_grad_input(grad_out: torch.Tensor, weight: torch.Tensor,
-                             mask_bits: torch.Tensor) -> torch.Tensor:
+def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor) -> torch.Tensor:
     """grad_out (M, N), weight (N, K) -> dx (M, K) = grad_out @ (weight ⊙ mask)."""
     i0 = _index0(grad_out.device)
     return grouped_masked_matmul_grad_input(grad_out.unsqueeze(0), weight.unsqueeze(0), i0,
                                             mask_bits.unsqueeze(0), i0)[0]
 
 
-def masked_linear_grad_weight(grad_out: torch.Tensor, x: torch.Tensor, mask_bits: torch.Tensor,
-                              with_bias: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, mask_bits: torch.Tensor,
+                with_bias: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """grad_out (M, N), x (M, K) -> (dW (N, K) zero outside the mask, dbias (N,) or None)."""
     out = grouped_masked_matmul_grad_weight(grad_out.unsqueeze(0), x.unsqueeze(0), mask_bits.unsqueeze(0),
                                             _index0(x.device), with_bias=with_bias, out_dtype=x.dtype)
