@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.mtlfast-installed
 NATIVE_SOURCES := $(shell find csrc -type f) CMakeLists.txt setup.py pyproject.toml
 
-.PHONY: setup test test-fast bench info clean
+.PHONY: setup test test-fast bench info gpu-check clean
 
 setup: $(STAMP)
 
@@ -31,6 +31,15 @@ bench: setup
 
 info: setup
 	$(BIN)/python -m mtlfast.info
+
+# The GPU session in one command (bench/gpu_check.py says what each stage does): on a GPU machine
+# with the machine's own python3 (no venv, no network; deliberately no `setup`), mtlfast._C built
+# for the present GPU only, then info, the GPU test tier, compute-sanitizer, the benchmark and the
+# profiles, each under its own time limit, 6 minutes in all on an H100 / H200; at most 8 files in
+# OUT (default: $OUT, else bench/out/gpu-check). Without a GPU the same command is a dry run on the
+# CPU (tiny sizes, under 3 minutes). ARGS passes options, e.g. ARGS="--stages bench,profile".
+gpu-check:
+	$(PYTHON) -m bench.gpu_check $(if $(OUT),--out "$(OUT)") $(ARGS)
 
 clean:
 	rm -rf build $(VENV) mtlfast/_C*.so bench/out

@@ -29,6 +29,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                         help="provider (repeatable; eager and dense always run as baselines)")
     parser.add_argument("--mode", action="append", default=[], choices=registry.MODES,
                         help="fwd or fwd+bwd (repeatable; default: both)")
+    parser.add_argument("--skip", action="append", default=[], metavar="WHAT/PROVIDER[=REASON]",
+                        help="record PROVIDER as skipped (with REASON) on the workloads WHAT names: an op, a "
+                             "workload or op/name (repeatable; e.g. masked_lstm/compile=minutes of compilation)")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available")
     parser.add_argument("--dtype", choices=cases.DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default: bench/out)")
@@ -45,6 +48,7 @@ def pytest_args(ns: argparse.Namespace) -> list[str]:
     args += [f"--bench-workload={w}" for w in ns.workload]
     args += [f"--bench-provider={p}" for p in ns.provider]
     args += [f"--bench-mode={m}" for m in ns.mode]
+    args += [f"--bench-skip={s}" for s in ns.skip]
     args += [f"--bench-{k}={v}" for k, v in (("device", ns.device), ("dtype", ns.dtype)) if v]
     return args + ["--bench-quick"] * ns.quick
 
@@ -66,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     try:
         cases.select(cases.Settings.make(device=ns.device, dtype=ns.dtype, workloads=tuple(ns.workload),
-                                         providers=tuple(ns.provider), modes=tuple(ns.mode)))
+                                         providers=tuple(ns.provider), modes=tuple(ns.mode),
+                                         skips=tuple(ns.skip)))
     except ValueError as exc:
         print(f"python -m bench: {exc}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """Run settings and the list of cases (op x workload x mode x provider) they select."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -32,6 +32,7 @@ class Settings:
     providers: tuple[str, ...] = ()
     modes: tuple[str, ...] = ()
     seed: int = 0
+    skips: tuple[str, ...] = ()  # "WHAT/PROVIDER[=REASON]": see parse_skip
 
     @classmethod
     def make(cls, device: str | None = None, dtype: str | None = None, **kwargs: object) -> "Settings":
@@ -68,19 +69,43 @@ def _pick(wanted: tuple[str, ...], valid: tuple[str, ...], what: str) -> tuple[s
     return tuple(v for v in valid if v in wanted) if wanted else valid
 
 
+def parse_skip(spec: str) -> tuple[str, str, str]:
+    """``WHAT/PROVIDER[=REASON]`` -> (what, provider, reason): leave ``provider`` out of the
+    workloads ``what`` names (an op, a workload name or ``op/name``); the cases stay in the results
+    and the table as skipped, with ``reason`` (default: that this run left them out)."""
+    target, _, reason = spec.partition("=")
+    what, _, provider = target.strip().rpartition("/")
+    if not what or not provider:
+        raise ValueError(f"--skip {spec!r}: expected WHAT/PROVIDER[=REASON] (WHAT an op, a workload or op/name)")
+    return what, provider, reason.strip() or f"left out of this run (--skip {what}/{provider})"
+
+
+def _apply_skips(workloads: list[Workload], settings: Settings) -> list[Workload]:
+    """The workloads with each skip of ``settings`` added to their ``skip_on`` for its device (a
+    reason the workload gives itself for the same provider and device stays)."""
+    for spec in settings.skips:
+        what, provider, reason = parse_skip(spec)
+        _pick((provider,), providers.names(), "provider")
+        if not any(what in (w.op, w.name, w.key) for w in registry.workloads()):
+            raise ValueError(f"--skip {spec!r}: {what!r} is no op or workload")
+        workloads = [replace(w, skip_on={f"{settings.device}/{provider}": reason, **w.skip_on})
+                     if what in (w.op, w.name, w.key) else w for w in workloads]
+    return workloads
+
+
 def select(settings: Settings) -> list[Case]:
     """The cases of ``settings``, grouped by workload and mode, eager first.
 
     Naming providers keeps the baselines (the op's eager, and dense where it has one) that the
     derived numbers divide by; each workload gets the providers its op has.
-    Raises ValueError on an unknown workload, provider, mode, device or dtype.
+    Raises ValueError on an unknown workload, provider, mode, device or dtype, or a malformed skip.
     """
     if settings.device not in ("cpu", "cuda"):
         raise ValueError(f"unknown device {settings.device!r}; valid: cpu, cuda")
     if settings.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("device cuda requested but torch sees no CUDA device")
     _pick((settings.dtype,), DTYPES, "dtype")
-    workloads = registry.find(settings.workloads)
+    workloads = _apply_skips(registry.find(settings.workloads), settings)
     _pick(tuple(settings.providers), providers.names(), "provider")
     modes = _pick(settings.modes, MODES, "mode")
     per_op: dict[str, tuple[str, ...]] = {}

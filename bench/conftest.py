@@ -20,6 +20,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-workload", action="append", default=[], help="workload name or op/name (repeatable)")
     group.addoption("--bench-provider", action="append", default=[], help="provider (repeatable); eager and dense always run")
     group.addoption("--bench-mode", action="append", default=[], help="fwd or fwd+bwd (repeatable)")
+    group.addoption("--bench-skip", action="append", default=[],
+                    help="WHAT/PROVIDER[=REASON]: PROVIDER skipped with REASON on the workloads WHAT names (repeatable)")
     group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda if available)")
     group.addoption("--bench-dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
     group.addoption("--bench-quick", action="store_true", help="few short rounds (tests)")
@@ -31,7 +33,8 @@ def settings_from(config: pytest.Config) -> cases.Settings:
     opt = config.getoption
     return cases.Settings.make(device=opt("--bench-device"), dtype=opt("--bench-dtype"),
                                quick=opt("--bench-quick"), workloads=tuple(opt("--bench-workload")),
-                               providers=tuple(opt("--bench-provider")), modes=tuple(opt("--bench-mode")))
+                               providers=tuple(opt("--bench-provider")), modes=tuple(opt("--bench-mode")),
+                               skips=tuple(opt("--bench-skip")))
 
 
 def pytest_configure(config: pytest.Config) -> None:

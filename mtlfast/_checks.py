@@ -93,3 +93,25 @@ def real(op: str, name: str, value: object, low: float, high: float,
         interval = f"{'[' if low_closed else '('}{low:g}, {high:g}{']' if high_closed else ')'}"
         raise ValueError(f"{op}: argument '{name}' must be in {interval}, got {value!r}")
     return x
+
+
+def host_check_is_free(t: torch.Tensor) -> bool:
+    """Whether reading a value of ``t`` on the host costs nothing: a CPU tensor outside a
+    torch.compile trace. On a GPU the read is a device sync (the training step would wait, and a
+    CUDA graph could not be captured); while compiling the value is data."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
+def values_in_range(op: str, name: str, t: torch.Tensor, low: int, high: int, what: str) -> None:
+    """Checks ``low <= t <= high`` elementwise (``what`` describes the range in the message). Where a
+    host read is free the error names the offending min and max; elsewhere the check runs on the
+    device without a sync (``torch._assert_async``: an out-of-range value fails like an
+    out-of-range index into torch.nn.Embedding on a GPU)."""
+    if not t.numel():
+        return
+    if host_check_is_free(t):
+        t_min, t_max = torch.aminmax(t)
+        if int(t_min) < low or int(t_max) > high:
+            raise ValueError(f"{op}: argument '{name}' must be in {what}, got min {int(t_min)} and max {int(t_max)}")
+        return
+    torch._assert_async(((t >= low) & (t <= high)).all(), f"{op}: argument '{name}' must be in {what}")

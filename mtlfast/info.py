@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import importlib.metadata
 import platform
+import os
 import subprocess
 from pathlib import Path
 from typing import Any, Optional
@@ -26,7 +27,10 @@ _CHECKOUT = Path(__file__).resolve().parent.parent   # the folder holding mtlfas
 def git_revision(cwd: Optional[Path | str] = None) -> str:
     """``git rev-parse --short HEAD`` of ``cwd``, with ``-dirty`` if tracked files changed;
     "unknown" outside a git work tree or without git. Default ``cwd``: the checkout mtlfast is
-    imported from ("unknown" for an installed copy)."""
+    imported from ("unknown" for an installed copy). ``MTLFAST_GIT_REVISION``, when set, is taken
+    as it is (a copy of the tree without its .git, e.g. on a lent GPU machine)."""
+    if os.environ.get("MTLFAST_GIT_REVISION"):
+        return os.environ["MTLFAST_GIT_REVISION"]
     if cwd is None:
         if not (_CHECKOUT / ".git").exists():
             return "unknown"

@@ -16,6 +16,11 @@ import pytest  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
+# The oracles are float64 or IEEE float32: TF32 in cuBLAS (off by default) or cuDNN (on by default)
+# would round the references' matmuls to 10-bit mantissas on Ampere and later GPUs.
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
 
 @pytest.fixture
 def device() -> torch.device:
@@ -43,6 +48,7 @@ SLOW_MODULES = {
     "test_example_sluice": "a reduced run of the paper's experiment (examples/)",
     "test_example_sparse_sharing": "a reduced run of the paper's experiment (examples/)",
     "test_build": "configures and builds the native module with CMake in a subprocess",
+    "test_gpu_check": "make gpu-check's dry run in subprocesses (1-3 min)",
 }
 
 SLOW_TESTS = {
@@ -72,6 +78,9 @@ SLOW_TESTS = {
     "test_lstm_dropin::test_gradgrad": "double backward against torch.nn.LSTM's",
     "test_masked_lstm::test_compile_fullgraph": "torch.compile of the LSTM op, forward and backward",
     "test_autocast::test_compiled_agrees_with_eager": "torch.compile under autocast",
+    "test_no_host_sync::test_training_steps_compile_fullgraph": "torch.compile of three training steps",
+    "test_autotune::test_every_candidate_computes_the_reference":
+        "every GPU autotune candidate of every Triton kernel (127) through the interpreter",
     "test_sparse_sharing_lstm::test_bias_gradients_accumulate_once[reference-compiled]": "torch.compile of a network",
     # the custom-op registration of the LSTM op through the interpreter (opcheck runs it many times;
     # the other ops' opchecks stay fast)

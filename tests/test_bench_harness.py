@@ -298,3 +298,21 @@ def test_masked_lstm_selection_and_skips() -> None:
     assert by_name["conll03"].unsupported_reason("cpu", "cpu") is None
     assert by_name["conll03"].unsupported_reason("cuda", "compile") is None
     assert not by_name["lstm-tiny"].default and by_name["ontonotes"].default
+
+
+def test_low_precision_is_checked_against_a_float32_oracle():
+    """In bfloat16 the expected results are eager's on float32 copies of the inputs (a bf16 eager
+    loop accumulates its own rounding), with the same output gradients in every dtype."""
+    from bench import registry
+    from bench.runner import Runner
+
+    settings = cases.Settings.make(device="cpu", dtype="bfloat16", quick=True, workloads=("alpha-mix-tiny",),
+                                   modes=("fwd+bwd",))
+    case = next(c for c in cases.select(settings) if c.provider == "cpu")
+    spec = registry.op(case.workload.op)
+    args = spec.make_inputs(case.workload.params, torch.device("cpu"), torch.bfloat16, True, settings.seed)
+    outs, grads = Runner(settings)._expected(case, spec, args)
+    assert all(t.dtype == torch.float32 for t in (*outs, *grads))
+    exact = spec.make_inputs(case.workload.params, torch.device("cpu"), torch.float32, True, settings.seed)
+    ref_out = spec.eager(*exact)
+    torch.testing.assert_close(outs[0], ref_out.detach(), rtol=0, atol=0)

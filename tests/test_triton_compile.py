@@ -1,7 +1,9 @@
 """Every Triton kernel compiles for sm_90 and sm_80 (fp16, bf16, fp32; every autotune candidate
-for H100 bf16) as the JIT compiles it for contiguous inputs, with tensor-core instructions, shared
-memory within the device's limit and a spill-free H100 bf16 candidate — checked here without a
-GPU by compiling ahead of time (tests/triton_aot.py)."""
+its prune keeps for H100 bf16) as the JIT compiles it for the launches of the GPU target workloads
+(pointer dtypes as the launchers pass them, the JIT's specialisation of integers), with
+tensor-core instructions, shared memory within the device's limit and a spill-free H100 bf16
+candidate for each workload — checked here without a GPU by compiling ahead of time
+(tests/triton_aot.py)."""
 import json
 import os
 import subprocess
@@ -32,7 +34,49 @@ def test_every_kernel_compiles(compiled):
     assert not failures, json.dumps(failures, indent=1)[:6000]
     kernels = {r["kernel"] for r in compiled}
     from tests.triton_aot import KERNELS
-    assert {name for _, name, _ in KERNELS} == kernels
+    assert {name for _, name in KERNELS} == kernels
+
+
+def test_pointers_have_the_launchers_dtypes(compiled):
+    """The masked LSTM keeps its projections, state, gates and their gradients in fp32 whatever the
+    weights' dtype; indices are int64, mask words int32, directions bool; the mixing weights, tau,
+    allocations and per-program partials fp32."""
+    short = {"float16": "*fp16", "bfloat16": "*bf16", "float32": "*fp32"}
+    for r in compiled:
+        p = r["pointers"]
+        for name, kind in p.items():
+            if name in ("wi_ptr", "mi_ptr", "len_ptr"):
+                assert kind == "*i64", r
+            elif name == "bits_ptr":
+                assert kind == "*i32", r
+            elif name == "rev_ptr":
+                assert kind == "*u1", r
+            elif name in ("alpha_ptr", "beta_ptr", "part_ptr", "tau_ptr"):
+                assert kind == "*fp32", r
+            elif name == "z_ptr" and r["kernel"].startswith("_combine"):    # the allocation (pairs: the sample)
+                assert kind == "*fp32", r
+        if r["kernel"] in ("_forward_step_kernel", "_backward_step_kernel"):
+            assert p["w_ptr"] == short[r["dtype"]], r
+            assert {kind for name, kind in p.items()
+                    if name not in ("w_ptr", "wi_ptr", "mi_ptr", "len_ptr", "bits_ptr", "rev_ptr")} == {"*fp32"}, r
+        if r["kernel"] == "_grouped_forward_kernel" and r["workload"].startswith("lstm"):
+            assert (p["x_ptr"], p["w_ptr"], p["bias_ptr"], p["out_ptr"]) == (short[r["dtype"]],) * 2 + ("*fp32",) * 2, r
+        if r["kernel"] == "_grouped_grad_weight_kernel" and r["workload"].startswith("lstm"):
+            assert p["dw_ptr"] == "*fp32", r
+
+
+def test_integers_are_specialised_as_the_jit_does(compiled):
+    """Unit strides are the constant 1; the 16-aligned workload's sizes and strides are known
+    16-divisible and the unaligned one's hidden size is not; the autotune-key buckets and the step
+    index are never specialised (they would compile a kernel per value)."""
+    for r in compiled:
+        if r["kernel"] == "_forward_step_kernel":
+            assert {"stride_wk", "stride_xn", "stride_lb"} <= set(r["ones"]), r
+            assert ("H" in r["divisible"]) == (r["workload"] == "lstm-large"), r
+            assert "B_BUCKET" not in r["divisible"] and "step" not in r["divisible"], r
+        if r["kernel"] == "_grouped_forward_kernel":
+            assert {"stride_xk", "stride_wk", "stride_on"} <= set(r["ones"]), r
+            assert "M_BUCKET" not in r["divisible"], r
 
 
 def test_tensor_cores_are_used(compiled):
@@ -52,11 +96,11 @@ def test_shared_memory_fits(compiled):
 
 def test_every_kernel_has_a_spill_free_h100_bf16_config(compiled):
     """Spills (stack / local memory) cost speed, not correctness, and the autotuner picks by
-    measured time; what must hold is that the H100 bf16 case has a candidate that does not spill.
-    (fp32 runs on FMA units, not tensor cores, and is the correctness dtype: its spills are
-    reported by tests/triton_aot.py, not asserted.)"""
+    measured time; what must hold is that the H100 bf16 case of each workload has a candidate that
+    does not spill. (fp32 runs on FMA units, not tensor cores, and is the correctness dtype: its
+    spills are reported by tests/triton_aot.py, not asserted.)"""
     by_kernel = {}
     for r in compiled:
         if r["arch"] == 90 and r["dtype"] == "bfloat16" and not r["config"]["INT64"]:
-            by_kernel.setdefault(r["kernel"], []).append(r["stack"] == 0 and r["local"] == 0)
+            by_kernel.setdefault((r["kernel"], r["workload"]), []).append(r["stack"] == 0 and r["local"] == 0)
     assert by_kernel and all(any(flags) for flags in by_kernel.values()), by_kernel

@@ -256,9 +256,8 @@ def oracle_backward(dhs, dh_n, dc_n, fwd_args):
     return (xproj.grad, h0.grad, c0.grad), (gates.detach(), cells.detach())
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("shape", REC_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_backward_recurrence(dtype, shape):
+def backward_recurrence_case(shape, dtype):
+    """(got, want, lengths): the backward recurrence kernel and its oracle on random inputs."""
     G, T, B, H = shape
     args = recurrence_inputs(*shape, dtype)
     dhs = torch.randn(G, T, B, H, device=DEVICE)
@@ -266,6 +265,14 @@ def test_backward_recurrence(dtype, shape):
     want, (gates, cells) = oracle_backward(dhs, dh_n, dc_n, args)
     xproj, h0, c0, w_hh, wi, bits, mi, lengths, reverse = args
     got = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths, reverse)
+    return got, want, lengths
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", REC_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_backward_recurrence(dtype, shape):
+    T = shape[1]
+    got, want, lengths = backward_recurrence_case(shape, dtype)
     for name, a, b in zip(("dgates", "dh0", "dc0"), got, want):
         assert a.shape == b.shape and a.dtype == torch.float32, name
         close(a, b, dtype)

@@ -41,7 +41,7 @@ import triton
 import triton.language as tl
 from triton.language.random import philox_impl
 
-from mtlfast.triton_kernels.masked_gemm import _int64, autotune_configs, persistent_programs
+from mtlfast.triton_kernels.masked_gemm import Candidates, _int64, autotune, persistent_programs, size_bucket
 
 MAX_SOFTMAX_COLUMNS = 16384
 _MASK32 = 0xFFFFFFFF
@@ -61,14 +61,18 @@ def _rows_per_block(tile, block_c):
 # ---------------------------------------------------------------------------------------------
 # Autotune candidates. Elementwise kernels: (BLOCK, num_warps), 8 or 16 elements per thread (the
 # loads of a thread are 16- or 32-byte vectors, and each thread has several Philox streams in
-# flight to hide their latency). AOT sm_90 bf16: 16 per thread take 90-127 registers, 8 take
-# 48-66; 32 per thread take 165-206 (few warps resident), so none is offered.
+# flight to hide their latency). AOT sm_90 bf16 (the gumbel-large launch in tests/triton_aot.py):
+# 16 per thread take 79-140 registers, 8 take 32-72; 32 per thread took 165-206 (few warps
+# resident), so none is offered.
 _ELEMENTWISE_SHAPES = [(2048, 4), (4096, 8), (1024, 4), (2048, 8), (1024, 2), (8192, 16)]
 # Softmax: (elements per program, num_warps); rows per program = elements / BLOCK_C (at least 1).
-_SOFTMAX_SHAPES = [(2048, 4), (4096, 8), (1024, 4), (2048, 8), (8192, 16), (4096, 16), (16384, 16)]
+# (16384, 16) is not offered: _prune_softmax never keeps it (past 16 per thread for every BLOCK_C
+# under 16384, and at 16384 (8192, 16) runs the same one row per program and comes first).
+_SOFTMAX_SHAPES = [(2048, 4), (4096, 8), (1024, 4), (2048, 8), (8192, 16), (4096, 16)]
 # Combine: (BLOCK, num_warps) over N; each thread holds C_P components of its pixels. The
 # backward's fp32 accumulator doubles what a thread holds (AOT sm_90 bf16, C_P = 8: 32 elements per
-# thread take 124-128 registers, 64 take 168-212), so it gets smaller tiles per warp.
+# thread take 80 registers as tests/triton_aot.py compiles the combine launch; 64 took 168-212),
+# so it gets smaller tiles per warp.
 _COMBINE_SHAPES = {"forward": [(1024, 4), (512, 4), (2048, 8), (512, 2), (1024, 8), (256, 1)],
                    "backward": [(512, 4), (1024, 8), (256, 2), (256, 4), (512, 8), (128, 1)]}
 # fp32 elements of a (rows x columns) tile a thread may hold: softmax keeps x, the noise and the
@@ -78,28 +82,23 @@ _SOFTMAX_ELEMENTS_PER_THREAD = 16
 _COMBINE_ELEMENTS_PER_THREAD = {"forward": 64, "backward": 32}
 
 
-def _elementwise_configs():
-    return autotune_configs(triton.Config({"BLOCK": 64}, num_warps=4),
-                            [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1)
-                             for b, w in _ELEMENTWISE_SHAPES])
+def _elementwise_configs() -> Candidates:
+    return (triton.Config({"BLOCK": 64}, num_warps=4),
+            [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in _ELEMENTWISE_SHAPES])
 
 
-def _softmax_configs():
-    return autotune_configs(triton.Config({"TILE": 64}, num_warps=4),
-                            [triton.Config({"TILE": t}, num_warps=w, num_stages=1) for t, w in _SOFTMAX_SHAPES])
+def _softmax_configs() -> Candidates:
+    return (triton.Config({"TILE": 64}, num_warps=4),
+            [triton.Config({"TILE": t}, num_warps=w, num_stages=1) for t, w in _SOFTMAX_SHAPES])
 
 
-def _combine_configs(direction: str):
-    return autotune_configs(triton.Config({"BLOCK": 32}, num_warps=4),
-                            [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1)
-                             for b, w in _COMBINE_SHAPES[direction]])
+def _combine_configs(direction: str) -> Candidates:
+    return (triton.Config({"BLOCK": 32}, num_warps=4),
+            [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in _COMBINE_SHAPES[direction]])
 
 
-def fits_shared_memory(config, element_bytes: int) -> bool:
-    """tests/triton_aot.py calls this for every kernel of this module: none stages operands in
-    shared memory (the softmax row reductions pass a few KiB through it at most)."""
-    return True
-
+# No kernel here stages operands in shared memory (the softmax row reductions pass a few KiB
+# through it at most): the prunes bound registers only.
 
 def _prune_softmax(configs, named_args, **kwargs):
     """Candidates whose row block stays within _SOFTMAX_ELEMENTS_PER_THREAD per thread for this
@@ -214,17 +213,19 @@ def _sample_backward(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, seed_lo, see
         tl.store(dlogits_ptr + offs, d.to(dlogits_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_elementwise_configs(), key=["n", "HARD"])
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _sigmoid_forward_kernel(logits_ptr, tau_ptr, y_ptr, n, seed_lo, seed_hi, HARD: tl.constexpr,
+# Keys: the element count by size_bucket (n_bucket); the softmax's padded row width BLOCK_C (C's
+# bucket), not the rows; the combine's component count.
+@autotune(_elementwise_configs(), key=["n_bucket", "HARD"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "n_bucket"])
+def _sigmoid_forward_kernel(logits_ptr, tau_ptr, y_ptr, n, n_bucket, seed_lo, seed_hi, HARD: tl.constexpr,
                             INT64: tl.constexpr, BLOCK: tl.constexpr):
     """y (n,) = [x + L > 0] if HARD else sigmoid((x + L) / tau). Grid: (cdiv(n, BLOCK),)."""
     _sample_forward(logits_ptr, tau_ptr, y_ptr, n, seed_lo, seed_hi, HARD, False, INT64, BLOCK)
 
 
-@triton.autotune(configs=_elementwise_configs(), key=["n"])
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _sigmoid_backward_kernel(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, seed_lo, seed_hi,
+@autotune(_elementwise_configs(), key=["n_bucket"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "n_bucket"])
+def _sigmoid_backward_kernel(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, n_bucket, seed_lo, seed_hi,
                              INT64: tl.constexpr, BLOCK: tl.constexpr):
     """dlogits (n,) = grad · s (1 - s) / tau, s = sigmoid((x + L) / tau), L recomputed."""
     _sample_backward(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, seed_lo, seed_hi, False, INT64, BLOCK)
@@ -232,17 +233,17 @@ def _sigmoid_backward_kernel(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, seed
 
 # Gumbel-sigmoid on complementary pairs: logits (n, 2), x = x[:, 0] - x[:, 1], noise index = pair.
 
-@triton.autotune(configs=_elementwise_configs(), key=["n", "HARD"])
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _pairs_forward_kernel(logits_ptr, tau_ptr, z_ptr, n, seed_lo, seed_hi, HARD: tl.constexpr,
+@autotune(_elementwise_configs(), key=["n_bucket", "HARD"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "n_bucket"])
+def _pairs_forward_kernel(logits_ptr, tau_ptr, z_ptr, n, n_bucket, seed_lo, seed_hi, HARD: tl.constexpr,
                           INT64: tl.constexpr, BLOCK: tl.constexpr):
     """z (n,) = Gumbel-sigmoid of x[:, 0] - x[:, 1] (z = 1: component 0 wins). Grid: (cdiv(n, BLOCK),)."""
     _sample_forward(logits_ptr, tau_ptr, z_ptr, n, seed_lo, seed_hi, HARD, True, INT64, BLOCK)
 
 
-@triton.autotune(configs=_elementwise_configs(), key=["n"])
-@triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
-def _pairs_backward_kernel(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, seed_lo, seed_hi,
+@autotune(_elementwise_configs(), key=["n_bucket"])
+@triton.jit(do_not_specialize=["seed_lo", "seed_hi", "n_bucket"])
+def _pairs_backward_kernel(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, n_bucket, seed_lo, seed_hi,
                            INT64: tl.constexpr, BLOCK: tl.constexpr):
     """dlogits (n, 2) = (+d, -d), d = grad · s (1 - s) / tau of the pair's soft sample."""
     _sample_backward(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, n, seed_lo, seed_hi, True, INT64, BLOCK)
@@ -277,8 +278,7 @@ def _softmax(v, tau):
     return e / tl.sum(e, axis=1)[:, None]
 
 
-@triton.autotune(configs=_softmax_configs(), key=["C", "HARD"],
-                 prune_configs_by={"early_config_prune": _prune_softmax})
+@autotune(_softmax_configs(), key=["BLOCK_C", "HARD"], prune=_prune_softmax)
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _softmax_forward_kernel(logits_ptr, tau_ptr, y_ptr, R, C, seed_lo, seed_hi, HARD: tl.constexpr,
                             INT64: tl.constexpr, BLOCK_C: tl.constexpr, TILE: tl.constexpr):
@@ -294,8 +294,7 @@ def _softmax_forward_kernel(logits_ptr, tau_ptr, y_ptr, R, C, seed_lo, seed_hi, 
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_softmax_configs(), key=["C"],
-                 prune_configs_by={"early_config_prune": _prune_softmax})
+@autotune(_softmax_configs(), key=["BLOCK_C"], prune=_prune_softmax)
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi"])
 def _softmax_backward_kernel(grad_ptr, logits_ptr, tau_ptr, dlogits_ptr, R, C, seed_lo, seed_hi,
                              INT64: tl.constexpr, BLOCK_C: tl.constexpr, TILE: tl.constexpr):
@@ -337,8 +336,7 @@ def _allocation(z_ptr, COMPONENTS: tl.constexpr):
     return z, s, tl.maximum(s, 1.0)
 
 
-@triton.autotune(configs=_combine_configs("forward"), key=["COMPONENTS"],
-                 prune_configs_by={"early_config_prune": _prune_combine("forward")})
+@autotune(_combine_configs("forward"), key=["COMPONENTS"], prune=_prune_combine("forward"))
 @triton.jit
 def _combine_forward_kernel(outputs_ptr, z_ptr, out_ptr, N, COMPONENTS: tl.constexpr, INT64: tl.constexpr,
                             BLOCK: tl.constexpr):
@@ -350,8 +348,7 @@ def _combine_forward_kernel(outputs_ptr, z_ptr, out_ptr, N, COMPONENTS: tl.const
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
-@triton.autotune(configs=_combine_configs("backward"), key=["COMPONENTS"],
-                 prune_configs_by={"early_config_prune": _prune_combine("backward")})
+@autotune(_combine_configs("backward"), key=["COMPONENTS"], prune=_prune_combine("backward"))
 @triton.jit
 def _combine_backward_kernel(grad_ptr, outputs_ptr, z_ptr, doutputs_ptr, part_ptr, N, COMPONENTS: tl.constexpr,
                              INT64: tl.constexpr, BLOCK: tl.constexpr):
@@ -422,7 +419,7 @@ def gumbel_sigmoid_forward(logits: torch.Tensor, tau: Union[torch.Tensor, float]
         return y
     lo, hi = _seed_words(seed)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    _sigmoid_forward_kernel[grid](logits, _tau(tau, logits.device), y, n, lo, hi, HARD=bool(hard),
+    _sigmoid_forward_kernel[grid](logits, _tau(tau, logits.device), y, n, size_bucket(n), lo, hi, HARD=bool(hard),
                                   INT64=_int64(logits))
     return y
 
@@ -439,7 +436,7 @@ def gumbel_sigmoid_backward(grad: torch.Tensor, logits: torch.Tensor, tau: Union
         return dlogits
     lo, hi = _seed_words(seed)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    _sigmoid_backward_kernel[grid](grad, logits, _tau(tau, logits.device), dlogits, n, lo, hi,
+    _sigmoid_backward_kernel[grid](grad, logits, _tau(tau, logits.device), dlogits, n, size_bucket(n), lo, hi,
                                    INT64=_int64(logits))
     return dlogits
 
@@ -455,7 +452,7 @@ def gumbel_pairs_forward(logits: torch.Tensor, tau: Union[torch.Tensor, float], 
         return z
     lo, hi = _seed_words(seed)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    _pairs_forward_kernel[grid](logits, _tau(tau, logits.device), z, n, lo, hi, HARD=bool(hard),
+    _pairs_forward_kernel[grid](logits, _tau(tau, logits.device), z, n, size_bucket(n), lo, hi, HARD=bool(hard),
                                 INT64=_int64(logits))
     return z
 
@@ -472,7 +469,7 @@ def gumbel_pairs_backward(grad: torch.Tensor, logits: torch.Tensor, tau: Union[t
         return dlogits
     lo, hi = _seed_words(seed)
     grid = lambda meta: (triton.cdiv(n, meta["BLOCK"]),)  # noqa: E731
-    _pairs_backward_kernel[grid](grad, logits, _tau(tau, logits.device), dlogits, n, lo, hi,
+    _pairs_backward_kernel[grid](grad, logits, _tau(tau, logits.device), dlogits, n, size_bucket(n), lo, hi,
                                  INT64=_int64(logits))
     return dlogits
 

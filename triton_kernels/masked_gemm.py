@@ -9,7 +9,8 @@ allocate the outputs; autograd and dispatch live in mtlfast/ops.
 """
 from __future__ import annotations
 
-from typing import Optional
+import os
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import triton
@@ -21,10 +22,74 @@ _INTERPRET = triton_interpreter_enabled()
 _INT32_MAX = 2**31 - 1
 
 
-def autotune_configs(interpreted: "triton.Config", compiled: list) -> list:
-    """Autotune candidates: ``compiled`` on a GPU; under the interpreter only ``interpreted``: it
-    would otherwise time every candidate, and its speed says nothing about a GPU."""
-    return [interpreted] if _INTERPRET else compiled
+def autotune_enabled() -> bool:
+    """MTLFAST_AUTOTUNE, read once at import like TRITON_INTERPRET: unset or anything but 0 / false /
+    off / no: kernels time their candidates for each new autotune key (the usual Triton autotuning);
+    0: no kernel times anything, each runs the first candidate its prune keeps for the launch (the
+    first of its list wherever that fits). For test runs on a GPU, where every new shape would
+    otherwise compile and time every candidate."""
+    return os.environ.get("MTLFAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+_AUTOTUNE = autotune_enabled()
+
+# A kernel's candidates: (the one config the interpreter runs, the GPU's list). The first of the
+# GPU's list is the default: what MTLFAST_AUTOTUNE=0 runs wherever the prune keeps it, so it should
+# be a good config for the main target (H100, bf16) that compiles for every dtype and shape.
+Candidates = Tuple["triton.Config", Sequence["triton.Config"]]
+
+
+def autotune_configs(interpreted: "triton.Config", compiled: Sequence["triton.Config"]) -> list:
+    """The configs a kernel's autotuner holds: ``compiled`` on a GPU; under the interpreter only
+    ``interpreted``: it would otherwise time every candidate, and its speed says nothing about a GPU.
+    (MTLFAST_AUTOTUNE=0 keeps the whole list, so the prune still sees every candidate; `autotune`
+    then takes the first it keeps instead of timing them.)"""
+    return [interpreted] if _INTERPRET else list(compiled)
+
+
+def _no_benchmark(kernel_call, quantiles=None, **kwargs):
+    """MTLFAST_AUTOTUNE=0's stand-in for the autotuner's timing: runs nothing, times every candidate
+    equal, so the autotuner keeps the first (the only one the prune passes on)."""
+    return [0.0, 0.0, 0.0]
+
+
+def _first_kept(prune: Optional[Callable]) -> Callable:
+    def first(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs) if prune is not None else configs
+        # one candidate: nothing to time, and a disk cache of autotune results (TRITON_CACHE_AUTOTUNING)
+        # keys it apart from the timed choice among all of them
+        return list(kept)[:1]
+    return first
+
+
+def autotune(candidates: Candidates, key: Sequence[str], prune: Optional[Callable] = None):
+    """@triton.autotune for every kernel of mtlfast.triton_kernels: the configs of
+    autotune_configs(*candidates), re-tuned for each new value of the `key` arguments (sizes that
+    vary from call to call enter as size_bucket values, so a run with variable lengths or batches
+    times candidates once per bucket, not once per size), `prune` as the early config prune, and
+    MTLFAST_AUTOTUNE=0 (autotune_enabled). The returned Autotuner also keeps every GPU candidate
+    in `.candidates` and the prune in `.candidate_prune` (tests run each candidate through the
+    interpreter, the AOT test compiles them)."""
+    interpreted, compiled = candidates
+    prune_by = {"early_config_prune": prune if _AUTOTUNE else _first_kept(prune)}
+    if _AUTOTUNE and prune is None:
+        prune_by = None
+    decorator = triton.autotune(configs=autotune_configs(interpreted, compiled), key=list(key),
+                                prune_configs_by=prune_by, do_bench=None if _AUTOTUNE else _no_benchmark)
+
+    def decorate(fn):
+        tuner = decorator(fn)
+        tuner.candidates = list(compiled)
+        tuner.candidate_prune = prune
+        return tuner
+    return decorate
+
+
+def size_bucket(n: int) -> int:
+    """The autotune key of a size that varies between calls (rows = length x batch, batch, element
+    count): the next power of two, so sizes from (2^(k-1), 2^k] share one tuning. Passed to the
+    kernels as an extra argument used only as a key (do_not_specialize: it compiles nothing)."""
+    return triton.next_power_of_2(max(int(n), 1))
 
 
 # Under the interpreter a few programs per persistent launch, so tests walk several tiles per program.
@@ -46,14 +111,14 @@ def persistent_programs(device: torch.device, work: int, per_sm: int, share: int
     return max(1, min(work, cap))
 
 
-def _configs(block_a: int, block_b: int, block_r: int):
+def _configs(block_a: str, block_b: str, block_r: str) -> Candidates:
     """Autotune candidates over (rows, cols, reduction) tiles, in that kwargs order (fits_shared_memory
     reads them so)."""
     shapes = [(128, 128, 64, 4, 8), (128, 256, 64, 3, 8), (256, 128, 64, 3, 8), (128, 64, 64, 4, 4),
               (64, 128, 64, 4, 4), (64, 64, 64, 4, 4), (128, 128, 32, 4, 4), (64, 32, 32, 5, 2)]
-    return autotune_configs(triton.Config({block_a: 32, block_b: 32, block_r: 32}, num_warps=4),
-                            [triton.Config({block_a: a, block_b: b, block_r: r}, num_stages=s, num_warps=w)
-                             for a, b, r, s, w in shapes])
+    return (triton.Config({block_a: 32, block_b: 32, block_r: 32}, num_warps=4),
+            [triton.Config({block_a: a, block_b: b, block_r: r}, num_stages=s, num_warps=w)
+             for a, b, r, s, w in shapes])
 
 
 # Shared memory the smaller of the targets (A100) offers a block; fp32 tiles with many stages
@@ -137,14 +202,14 @@ def _group_mask(bits_ptr, stride_bp, mi_ptr, g, N):
 # ---------------------------------------------------------------------------------------------
 # Grouped masked GEMMs (input projections and their gradients). Grid: (tiles of one group, G).
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"), key=["M", "N", "K", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+# Key: the rows (length x batch) by size_bucket; N, K and the dtypes are the model's.
+@autotune(_configs("BLOCK_M", "BLOCK_N", "BLOCK_K"), key=["M_BUCKET", "N", "K", "PRECISION"], prune=_prune)
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _grouped_forward_kernel(x_ptr, stride_xg, stride_xm, stride_xk,
                             w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
                             bits_ptr, stride_bp, stride_bn, mi_ptr,
                             bias_ptr, stride_bg, stride_bb,
-                            out_ptr, stride_og, stride_om, stride_on, M, N, K,
+                            out_ptr, stride_og, stride_om, stride_on, M, N, K, M_BUCKET,
                             HAS_BIAS: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
                             UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8, HAS_MASK: tl.constexpr = True):
@@ -180,13 +245,12 @@ def _grouped_forward_kernel(x_ptr, stride_xg, stride_xm, stride_xk,
              acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
-@triton.autotune(configs=_configs("BLOCK_M", "BLOCK_K", "BLOCK_N"), key=["M", "N", "K", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@autotune(_configs("BLOCK_M", "BLOCK_K", "BLOCK_N"), key=["M_BUCKET", "N", "K", "PRECISION"], prune=_prune)
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _grouped_grad_input_kernel(dy_ptr, stride_dg, stride_dm, stride_dn,
                                w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
                                bits_ptr, stride_bp, stride_bn, mi_ptr,
-                               dx_ptr, stride_xg, stride_xm, stride_xk, M, N, K,
+                               dx_ptr, stride_xg, stride_xm, stride_xk, M, N, K, M_BUCKET,
                                INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                GROUP_M: tl.constexpr = 8, HAS_MASK: tl.constexpr = True):
@@ -222,13 +286,12 @@ def _grouped_grad_input_kernel(dy_ptr, stride_dg, stride_dm, stride_dn,
              acc.to(dx_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_k[None, :] < K))
 
 
-@triton.autotune(configs=_configs("BLOCK_N", "BLOCK_K", "BLOCK_M"), key=["M", "N", "K", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune})
-@triton.jit
+@autotune(_configs("BLOCK_N", "BLOCK_K", "BLOCK_M"), key=["M_BUCKET", "N", "K", "PRECISION"], prune=_prune)
+@triton.jit(do_not_specialize=["M_BUCKET"])
 def _grouped_grad_weight_kernel(dy_ptr, stride_dg, stride_dm, stride_dn,
                                 x_ptr, stride_xg, stride_xm, stride_xk,
                                 bits_ptr, stride_bp, stride_bn, mi_ptr,
-                                dw_ptr, stride_wg, stride_wn, stride_wk, dbias_ptr, stride_dbg, M, N, K,
+                                dw_ptr, stride_wg, stride_wn, stride_wk, dbias_ptr, stride_dbg, M, N, K, M_BUCKET,
                                 HAS_BIAS: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
                                 UPCAST: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -330,7 +393,7 @@ def grouped_masked_matmul(x: torch.Tensor, weight: torch.Tensor, weight_index: t
         bits_arg, stride_bp, stride_bn, mask_index,
         bias if bias is not None else out, bias.stride(0) if bias is not None else 0,
         bias.stride(1) if bias is not None else 0,
-        out, out.stride(0), out.stride(1), out.stride(2), R, N, K,
+        out, out.stride(0), out.stride(1), out.stride(2), R, N, K, size_bucket(R),
         HAS_BIAS=bias is not None, INT64=_int64(x, weight, bits, bias, out), PRECISION=_precision(x.dtype),
         UPCAST=_upcast(x.dtype), HAS_MASK=bits is not None)
     return out
@@ -351,7 +414,7 @@ def grouped_masked_matmul_grad_input(dy: torch.Tensor, weight: torch.Tensor, wei
         dy, dy.stride(0), dy.stride(1), dy.stride(2),
         weight, weight.stride(0), weight.stride(1), weight.stride(2), weight_index,
         bits_arg, stride_bp, stride_bn, mask_index,
-        dx, dx.stride(0), dx.stride(1), dx.stride(2), R, N, K,
+        dx, dx.stride(0), dx.stride(1), dx.stride(2), R, N, K, size_bucket(R),
         INT64=_int64(dy, weight, bits, dx), PRECISION=_precision(dy.dtype), UPCAST=_upcast(dy.dtype),
         HAS_MASK=bits is not None)
     return dx
@@ -379,7 +442,7 @@ def grouped_masked_matmul_grad_weight(dy: torch.Tensor, x: torch.Tensor, bits: O
         dy, dy.stride(0), dy.stride(1), dy.stride(2), x, x.stride(0), x.stride(1), x.stride(2),
         bits_arg, stride_bp, stride_bn, mask_index,
         dw, dw.stride(0), dw.stride(1), dw.stride(2), dbias if dbias is not None else dw,
-        dbias.stride(0) if dbias is not None else 0, R, N, K,
+        dbias.stride(0) if dbias is not None else 0, R, N, K, size_bucket(R),
         HAS_BIAS=with_bias, INT64=_int64(dy, x, bits, dw), PRECISION=_precision(dy.dtype), UPCAST=_upcast(dy.dtype),
         HAS_MASK=bits is not None)
     return (dw, dbias) if with_bias else dw

@@ -24,8 +24,8 @@ import triton.language as tl
 
 from mtlfast.triton_kernels import masked_gemm as _gemm
 from mtlfast.triton_kernels.masked_gemm import (  # noqa: F401  (the grouped GEMMs are part of this interface)
-    _dot, _group_mask, _int64, _keep_bits_kn, _keep_bits_nk, _mask_args, _precision, _upcast, autotune_configs,
-    grouped_masked_matmul, grouped_masked_matmul_grad_input, grouped_masked_matmul_grad_weight)
+    Candidates, _dot, _group_mask, _int64, _keep_bits_kn, _keep_bits_nk, _mask_args, _precision, _upcast, autotune,
+    grouped_masked_matmul, grouped_masked_matmul_grad_input, grouped_masked_matmul_grad_weight, size_bucket)
 
 # ---------------------------------------------------------------------------------------------
 # Autotune candidates of the per-step kernels, (BLOCK_B, BLOCK_H, BLOCK_K or BLOCK_N, stages, warps).
@@ -37,33 +37,36 @@ from mtlfast.triton_kernels.masked_gemm import (  # noqa: F401  (the grouped GEM
 #   a short serial K loop and few warps, so the step ends as soon as possible; BLOCK_B = 16 is the
 #   smallest batch tile tl.dot takes (mma.sync m16; wgmma's m64 would pad the batch of 10 6x).
 #   H = 200 rows are not 16-aligned, so weight loads are scalar and cannot go through cp.async:
-#   pipelined tiles wait in registers, and 64-deep K tiles spill (ptxas stack ~600 B on sm_90),
-#   32-deep ones with 2 stages do not.
+#   pipelined tiles wait in registers, and 64-deep K tiles spill (ptxas stack 750-1400 B on sm_90
+#   for the conll03 launch in tests/triton_aot.py), 32-deep ones with 2 stages do not (16 B for
+#   the 32 x 32 tile).
 # - hidden 1024 / batch 64: each step reads all 4H·H weights of every group (8 MiB per group in
 #   bf16), so it is bound by weight bandwidth. BLOCK_B = 64 covers the whole batch, so every
 #   weight is read once per step, and 32-wide hidden tiles give 32 programs per group (~132 SMs
-#   busy from G = 4 on), with 3-4 stages of 64-deep K tiles (aligned: cp.async) in flight.
+#   busy from G = 4 on), with 3-4 stages of 64-deep K tiles (aligned: cp.async) in flight; no
+#   candidate spills there.
 _FORWARD_STEP_SHAPES = [(16, 16, 32, 2, 2), (16, 32, 32, 2, 4), (32, 32, 32, 2, 4), (64, 32, 64, 4, 4),
                         (64, 64, 64, 3, 8), (64, 32, 128, 3, 4)]
 # The backward step reduces over 4H rows of the weight instead of H columns: the hidden tile is
 # the mask word axis there (BLOCK_H a multiple of 32), and the reduction is 4x longer, so deeper
 # reduction tiles pay off sooner; it holds one accumulator instead of four, so 64-deep tiles fit
-# in registers even unaligned.
+# in registers even unaligned with batch tiles up to 32 (64-row ones spill ~500 B at H = 200, none
+# at H = 1024).
 _BACKWARD_STEP_SHAPES = [(16, 32, 64, 2, 4), (16, 32, 128, 3, 4), (32, 32, 64, 2, 4), (64, 32, 64, 4, 4),
                          (64, 64, 64, 3, 8), (64, 32, 128, 3, 4)]
 
 
-def _step_configs(reduction: str, shapes):
+def _step_configs(reduction: str, shapes) -> Candidates:
     """kwargs in (rows, cols, reduction) order, like masked_gemm's configs."""
-    return autotune_configs(triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, reduction: 32}, num_warps=4),
-                            [triton.Config({"BLOCK_B": b, "BLOCK_H": h, reduction: r}, num_stages=s, num_warps=w)
-                             for b, h, r, s, w in shapes])
+    return (triton.Config({"BLOCK_B": 16, "BLOCK_H": 32, reduction: 32}, num_warps=4),
+            [triton.Config({"BLOCK_B": b, "BLOCK_H": h, reduction: r}, num_stages=s, num_warps=w)
+             for b, h, r, s, w in shapes])
 
 
 def fits_shared_memory(config, element_bytes: int) -> bool:
     """masked_gemm's estimate; the forward step (BLOCK_H with BLOCK_K) stages one h tile and
-    four weight tiles (one per gate) per K step. tests/triton_aot.py calls this for every kernel
-    of this module."""
+    four weight tiles (one per gate) per K step. _prune_step keeps the candidates that fit (and
+    tests/triton_aot.py compiles those)."""
     kw = config.kwargs
     if "BLOCK_H" in kw and "BLOCK_K" in kw:
         per_stage = kw["BLOCK_B"] * kw["BLOCK_K"] + 4 * kw["BLOCK_K"] * kw["BLOCK_H"]
@@ -115,15 +118,16 @@ def _gate_dot(hp, w_g, stride_wn, stride_wk, bits_g, stride_bn, mask_rows, unmas
     return _dot(hp, w, acc, PRECISION, UPCAST)
 
 
-@triton.autotune(configs=_step_configs("BLOCK_K", _FORWARD_STEP_SHAPES), key=["B", "H", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_step})
-@triton.jit(do_not_specialize=["step"])
+# Key: the batch rows by size_bucket (a group's rows vary with the batch and the task mix), H and
+# the dtypes are the model's; the length is no key (one launch per step).
+@autotune(_step_configs("BLOCK_K", _FORWARD_STEP_SHAPES), key=["B_BUCKET", "H", "PRECISION"], prune=_prune_step)
+@triton.jit(do_not_specialize=["step", "B_BUCKET"])
 def _forward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
                          bits_ptr, stride_bp, stride_bn, mi_ptr,
                          xproj_ptr, stride_xg, stride_xt, stride_xb, stride_xn,
                          len_ptr, stride_lg, stride_lb, rev_ptr,
                          h_in_ptr, c_in_ptr, h_out_ptr, c_out_ptr,
-                         hs_ptr, cells_ptr, gates_ptr, hprev_ptr, step, T, B, H,
+                         hs_ptr, cells_ptr, gates_ptr, hprev_ptr, step, T, B, H, B_BUCKET,
                          INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                          BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_K: tl.constexpr,
                          HAS_MASK: tl.constexpr = True):
@@ -200,15 +204,14 @@ def _forward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
     tl.store(gates_ptr + gate + 3 * H, tl.where(active, o, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
 
 
-@triton.autotune(configs=_step_configs("BLOCK_N", _BACKWARD_STEP_SHAPES), key=["B", "H", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_step})
-@triton.jit(do_not_specialize=["step"])
+@autotune(_step_configs("BLOCK_N", _BACKWARD_STEP_SHAPES), key=["B_BUCKET", "H", "PRECISION"], prune=_prune_step)
+@triton.jit(do_not_specialize=["step", "B_BUCKET"])
 def _backward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
                           bits_ptr, stride_bp, stride_bn, mi_ptr,
                           dhs_ptr, stride_dg, stride_dt, stride_db, stride_dh,
                           len_ptr, stride_lg, stride_lb, rev_ptr,
                           dh_in_ptr, dc_in_ptr, dh_out_ptr, dc_out_ptr,
-                          gates_ptr, cells_ptr, c0_ptr, dgates_ptr, step, T, B, H,
+                          gates_ptr, cells_ptr, c0_ptr, dgates_ptr, step, T, B, H, B_BUCKET,
                           INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                           BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                           HAS_MASK: tl.constexpr = True):
@@ -330,6 +333,7 @@ def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, 
     int64 = _int64(xproj, w_hh, bits_hh, gates)
     precision, upcast = _precision(w_hh.dtype), _upcast(w_hh.dtype)
     grid = _step_grid(B, H, G)
+    bucket = size_bucket(B)
     for s in range(T):
         h_out, c_out = (h_n, c_n) if (T - 1 - s) % 2 == 0 else spare
         _forward_step_kernel[grid](
@@ -337,7 +341,7 @@ def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, 
             bits_arg, stride_bp, stride_bn, mask_index,
             xproj, xproj.stride(0), xproj.stride(1), xproj.stride(2), xproj.stride(3),
             lengths, lengths.stride(0), lengths.stride(1), reverse,
-            h_in, c_in, h_out, c_out, hs, cells, gates, h_prev, s, T, B, H,
+            h_in, c_in, h_out, c_out, hs, cells, gates, h_prev, s, T, B, H, bucket,
             INT64=int64, PRECISION=precision, UPCAST=upcast, HAS_MASK=bits_hh is not None)
         h_in, c_in = h_out, c_out
     return hs, h_n, c_n, gates, cells, h_prev
@@ -369,6 +373,7 @@ def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tenso
     int64 = _int64(dhs, w_hh, bits_hh, gates)
     precision, upcast = _precision(w_hh.dtype), _upcast(w_hh.dtype)
     grid = _step_grid(B, H, G)
+    bucket = size_bucket(B)
     for j in range(T + 1):
         s = T - 1 - j
         dh_out, dc_out = (dh0, dc0) if (T - j) % 2 == 0 else spare
@@ -377,7 +382,7 @@ def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tenso
             bits_arg, stride_bp, stride_bn, mask_index,
             dhs, dhs.stride(0), dhs.stride(1), dhs.stride(2), dhs.stride(3),
             lengths, lengths.stride(0), lengths.stride(1), reverse,
-            dh_in, dc_in, dh_out, dc_out, gates, cells, c0, dgates, s, T, B, H,
+            dh_in, dc_in, dh_out, dc_out, gates, cells, c0, dgates, s, T, B, H, bucket,
             INT64=int64, PRECISION=precision, UPCAST=upcast, HAS_MASK=bits_hh is not None)
         dh_in, dc_in = dh_out, dc_out
     return dgates, dh0, dc0

@@ -48,7 +48,7 @@ import torch
 import triton
 import triton.language as tl
 
-from mtlfast.triton_kernels.masked_gemm import (_SHARED_BUDGET, _dot, _int64, _upcast, autotune_configs,
+from mtlfast.triton_kernels.masked_gemm import (_SHARED_BUDGET, Candidates, _dot, _int64, _upcast, autotune,
                                                 persistent_programs)
 
 
@@ -67,9 +67,10 @@ def _pixel_groups(chunks_p2):
 # Autotune candidates. The target is HBM bandwidth (H100, bf16, d = 256, MS = 8): tiles run along
 # d in contiguous vectors, and enough of them must be in flight per SM, so what bounds a tile is
 # the registers of the threads that hold it (every thread holds all MS_P chunks of its pixels).
-# AOT on sm_90 (bf16, MS = 8): 128 pixels per warp (64 bytes of each chunk tile per thread) take
-# 80-110 registers in forward and 105-140 in backward (dout, h, dh and the dot operands); 256 per
-# warp take 140-250 and spill in backward. _prune_tiles keeps the candidates within a per-thread byte
+# AOT on sm_90 (bf16, MS = 8, the alpha-mix-large launch in tests/triton_aot.py): 128 pixels per
+# warp (64 bytes of each chunk tile per thread) take 34-62 registers in forward and 64-104 in
+# backward (dout, h, dh and the dot operands); 256 per warp take 70-79 and 138-154, without
+# spills but with fewer warps resident. _prune_tiles keeps the candidates within a per-thread byte
 # budget for the launch's MS and dtype, so MS = 4 gets twice the pixels, fp32 half.
 
 # (BLOCK_N, BLOCK_D, num_warps), by pixels per warp: 128, 64, 256
@@ -95,26 +96,25 @@ _ORTHO_SHAPES = [(64, 64, 32, 3, 4), (128, 128, 32, 3, 8), (64, 64, 64, 3, 4), (
 _TILE_BYTES_PER_THREAD = {"alpha_forward": 64, "alpha_backward": 64, "layer_forward": 128, "layer_backward": 64}
 
 
-def _alpha_configs(direction: str):
-    # one config: the interpreter would time every candidate, and its timings mean nothing
-    return autotune_configs(triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4),
-                            [triton.Config({"BLOCK_N": n, "BLOCK_D": c}, num_warps=w, num_stages=1)
-                             for n, c, w in _ALPHA_SHAPES[direction]])
+def _alpha_configs(direction: str) -> Candidates:
+    return (triton.Config({"BLOCK_N": 16, "BLOCK_D": 16}, num_warps=4),
+            [triton.Config({"BLOCK_N": n, "BLOCK_D": c}, num_warps=w, num_stages=1)
+             for n, c, w in _ALPHA_SHAPES[direction]])
 
 
-def _layer_configs():
-    return autotune_configs(triton.Config({"BLOCK": 64}, num_warps=4),
-                            [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in _LAYER_SHAPES])
+def _layer_configs() -> Candidates:
+    return (triton.Config({"BLOCK": 64}, num_warps=4),
+            [triton.Config({"BLOCK": b}, num_warps=w, num_stages=1) for b, w in _LAYER_SHAPES])
 
 
-def _ortho_configs():
-    return autotune_configs(triton.Config({"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_R": 16}, num_warps=4),
-                            [triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_R": r}, num_stages=s, num_warps=w)
-                             for a, b, r, s, w in _ORTHO_SHAPES])
+def _ortho_configs() -> Candidates:
+    return (triton.Config({"BLOCK_A": 16, "BLOCK_B": 16, "BLOCK_R": 16}, num_warps=4),
+            [triton.Config({"BLOCK_A": a, "BLOCK_B": b, "BLOCK_R": r}, num_stages=s, num_warps=w)
+             for a, b, r, s, w in _ORTHO_SHAPES])
 
 
 def fits_shared_memory(config, element_bytes: int) -> bool:
-    """tests/triton_aot.py calls this for every kernel of this module. Only the penalty stages
+    """The penalty's prune (_prune_shared) keeps the candidates that fit. Only the penalty stages
     operands in shared memory (both dot tiles, per K step); the mixing kernels pass a tile of a
     few KiB through it for their dots, never near the limit."""
     kw = config.kwargs
@@ -206,8 +206,8 @@ def _mix(w, x, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     return _dot(w_lo, x, _dot(w_hi, x, acc, PRECISION, UPCAST), PRECISION, UPCAST)
 
 
-@triton.autotune(configs=_alpha_configs("forward"), key=["d", "MS"],
-                 prune_configs_by={"early_config_prune": _prune_tiles("alpha_forward", "MS", 256)})
+# Keys: the model's sizes only (d, MS; K; r, C): the rows (batch x length) are no key.
+@autotune(_alpha_configs("forward"), key=["d", "MS"], prune=_prune_tiles("alpha_forward", "MS", 256))
 @triton.jit
 def _alpha_mix_forward_kernel(h_ptr, alpha_ptr, out_ptr, N, d, S, MS: tl.constexpr, INT64: tl.constexpr,
                               PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -223,8 +223,7 @@ def _alpha_mix_forward_kernel(h_ptr, alpha_ptr, out_ptr, N, d, S, MS: tl.constex
     tl.store(out_ptr + offs, tl.reshape(out, (MS_P, BLOCK_N, BLOCK_D)).to(out_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(configs=_alpha_configs("backward"), key=["d", "MS"],
-                 prune_configs_by={"early_config_prune": _prune_tiles("alpha_backward", "MS", 256)})
+@autotune(_alpha_configs("backward"), key=["d", "MS"], prune=_prune_tiles("alpha_backward", "MS", 256))
 @triton.jit
 def _alpha_mix_backward_kernel(dout_ptr, h_ptr, alpha_ptr, dh_ptr, part_ptr, N, d, S, MS: tl.constexpr,
                                INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
@@ -272,8 +271,7 @@ def _layer_tile(tile, m, M, L, K: tl.constexpr, INT64: tl.constexpr, BLOCK: tl.c
     return m * L + offs, in_row, (k * M + m)[:, None] * L + offs[None, :], (k < K)[:, None] & in_row[None, :]
 
 
-@triton.autotune(configs=_layer_configs(), key=["K"],
-                 prune_configs_by={"early_config_prune": _prune_tiles("layer_forward", "K")})
+@autotune(_layer_configs(), key=["K"], prune=_prune_tiles("layer_forward", "K"))
 @triton.jit
 def _layer_mix_forward_kernel(layers_ptr, beta_ptr, out_ptr, M, L, K: tl.constexpr, INT64: tl.constexpr,
                               BLOCK: tl.constexpr):
@@ -288,8 +286,7 @@ def _layer_mix_forward_kernel(layers_ptr, beta_ptr, out_ptr, M, L, K: tl.constex
     tl.store(out_ptr + offs, out.to(out_ptr.dtype.element_ty), mask=in_row)
 
 
-@triton.autotune(configs=_layer_configs(), key=["K"],
-                 prune_configs_by={"early_config_prune": _prune_tiles("layer_backward", "K")})
+@autotune(_layer_configs(), key=["K"], prune=_prune_tiles("layer_backward", "K"))
 @triton.jit
 def _layer_mix_backward_kernel(dout_ptr, layers_ptr, beta_ptr, dlayers_ptr, part_ptr, M, L, K: tl.constexpr,
                                INT64: tl.constexpr, BLOCK: tl.constexpr):
@@ -325,8 +322,7 @@ def _pair(p, S):
     return s, p - s * (2 * S - s - 1) // 2 + s + 1
 
 
-@triton.autotune(configs=_ortho_configs(), key=["r", "C", "PRECISION"],
-                 prune_configs_by={"early_config_prune": _prune_shared})
+@autotune(_ortho_configs(), key=["r", "C", "PRECISION"], prune=_prune_shared)
 @triton.jit
 def _orthogonality_forward_kernel(w_ptr, part_ptr, r, C, S, INT64: tl.constexpr, PRECISION: tl.constexpr,
                                   UPCAST: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,

@@ -117,7 +117,9 @@ class SluiceLSTM(nn.Module):
     """A sluice network of M task LSTM stacks.
 
     Task t's layer k is ``lstms[t][k]``, a one-layer torch.nn.LSTM (its parameters, names and
-    initialisation; its own forward is not used). After every layer, ``mixers[k]`` (a
+    initialisation; its own forward is not used: under torch.compile set
+    ``torch._dynamo.config.allow_rnn = True``, since dynamo refuses any module holding an
+    nn.LSTM by default; the step then compiles with fullgraph=True). After every layer, ``mixers[k]`` (a
     SluiceMixer) mixes the tasks' outputs, each direction split into S subspaces of hidden/S
     units with the same α; ``layer_mixture`` combines the mixed layer outputs per task.
 
@@ -269,7 +271,5 @@ class SluiceLSTM(nn.Module):
             raise TypeError(f"SluiceLSTM: argument 'lengths' must be an integer tensor, got {lengths.dtype} "
                             "(a fractional length has no meaning; lengths are never rounded)")
         lengths = lengths.to(device=device, dtype=torch.int64)
-        if B and (int(lengths.min()) < 0 or int(lengths.max()) > T):
-            raise ValueError(f"SluiceLSTM: argument 'lengths' must be in [0, {T}] (the sequence length), got min "
-                             f"{int(lengths.min())} and max {int(lengths.max())}")
+        _checks.values_in_range("SluiceLSTM", "lengths", lengths, 0, T, f"[0, {T}] (the sequence length)")
         return lengths

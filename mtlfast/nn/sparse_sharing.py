@@ -512,10 +512,9 @@ class _Groups:
         if B == 0:
             return cls("blocks", 1, 0, torch.zeros(1, dtype=torch.int64, device=device))
         task = task.to(device=device, dtype=torch.int64)
-        low, high = torch.aminmax(task)
-        if int(low) < 0 or int(high) >= num_tasks:
-            raise ValueError(f"SparseSharingLSTM: argument 'task' ids must be in [0, {num_tasks}), "
-                             f"got min {int(low)} and max {int(high)}")
+        _checks.values_in_range("SparseSharingLSTM", "task", task, 0, num_tasks - 1, f"[0, {num_tasks})")
+        if not _checks.host_check_is_free(task):
+            return cls._padded(task, B, num_tasks, device)
         present, counts = torch.unique(task, return_counts=True)
         Gt, width = present.numel(), int(counts.max())
         # The common layout (each task's samples one after the other, as many per task) needs
@@ -531,6 +530,24 @@ class _Groups:
         position = torch.empty(B, dtype=torch.int64, device=device)
         position[order] = group * width + slot
         return cls("scattered", Gt, width, present, rows, position)
+
+    @classmethod
+    def _padded(cls, task: torch.Tensor, B: int, num_tasks: int, device: torch.device) -> "_Groups":
+        """Per-sample ids without reading them on the host (a GPU, where that read is a sync, or a
+        torch.compile trace): every task is a group of B rows, its samples first and -1 padding
+        after (padding rows run with length 0). Shapes do not depend on the ids, so a training step
+        needs no sync and can be captured in a CUDA graph; it computes num_tasks x B rows instead of
+        B, which on a GPU at these sizes costs little next to a sync per step."""
+        tasks = torch.arange(num_tasks, device=device)
+        counts = (task.unsqueeze(0) == tasks.unsqueeze(1)).sum(1)             # (num_tasks,)
+        order = torch.argsort(task, stable=True)
+        group = task.index_select(0, order)                                    # each sorted sample's task
+        slot = torch.arange(B, device=device) - (torch.cumsum(counts, 0) - counts).index_select(0, group)
+        rows = torch.full((num_tasks, B), -1, dtype=torch.int64, device=device)
+        rows.index_put_((group, slot), order)
+        position = torch.empty(B, dtype=torch.int64, device=device)
+        position.index_put_((order,), group * B + slot)
+        return cls("scattered", num_tasks, B, tasks, rows, position)
 
     def valid(self) -> torch.Tensor:
         return self.rows >= 0

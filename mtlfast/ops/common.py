@@ -108,7 +108,7 @@ class _Select(torch.autograd.Function):
     def forward(weight, mask):
         if _legacy_batched(weight):      # gradcheck's batched gradients: its vmap has no bit views
             return torch.where(mask, weight, 0)
-        return (weight.view(_SAME_WIDTH_INT[weight.dtype]) * mask).view(weight.dtype)
+        return select_values(weight, mask)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -118,6 +118,12 @@ class _Select(torch.autograd.Function):
     def backward(ctx, grad):
         (mask,) = ctx.saved_tensors
         return _Select.apply(grad, mask), None
+
+
+def select_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``weight`` where ``mask`` (broadcast against it), else +0, without autograd: the exact select
+    of :class:`_Select`, as the weights' bits times the mask."""
+    return (weight.view(_SAME_WIDTH_INT[weight.dtype]) * mask).view(weight.dtype)
 
 
 def select(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -150,9 +150,14 @@ def _validate(op: str, logits: object, tau: object, pairs: bool = False) -> None
     elif not torch.compiler.is_compiling() and not (math.isfinite(tau) and low <= tau <= high):
         # while compiling, a float tau is symbolic (so a new value does not recompile): unchecked
         raise ValueError(f"{op}: argument 'tau' must be {expected}, got {tau!r}")
-    if not torch.compiler.is_compiling() and logits.numel() and not bool(torch.isfinite(logits).all()):
-        raise ValueError(f"{op}: argument 'logits' must be finite (got inf or NaN): a ±inf logit makes the "
-                         "pair difference NaN; pin an allocation with a large finite logit instead")
+    if logits.numel():
+        message = (f"{op}: argument 'logits' must be finite (got inf or NaN): a ±inf logit makes the pair "
+                   "difference NaN; pin an allocation with a large finite logit instead")
+        if _checks.host_check_is_free(logits):
+            if not bool(torch.isfinite(logits).all()):
+                raise ValueError(message)
+        else:       # on the device, no sync (see _checks.values_in_range)
+            torch._assert_async(torch.isfinite(logits).all(), message)
 
 
 def _validate_combine(outputs: object, z: object) -> None:

@@ -155,9 +155,13 @@ class _Args(NamedTuple):
 
 def _group_sum(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -> torch.Tensor:
     """Per-group gradients (G, ...) summed into their weight sets (S, ...): a shared weight's
-    gradient is Σ_t M_t ⊙ grad_t."""
-    out = grads.new_zeros((num_sets, *grads.shape[1:]))
-    return out.index_add_(0, weight_index, grads)
+    gradient is Σ_t M_t ⊙ grad_t. Deterministic: a reduction over the groups each set selects,
+    not index_add_, whose CUDA atomics add in a different order on every run. A select, not a
+    product with a one-hot: a NaN in one set's gradients stays out of the others'."""
+    if num_sets == 1:       # every group uses the one set (sparse sharing)
+        return grads.sum(0, keepdim=True)
+    one_hot = weight_index.unsqueeze(0) == torch.arange(num_sets, device=grads.device).unsqueeze(1)   # (S, G)
+    return common.select_values(grads.unsqueeze(0), one_hot.view(num_sets, -1, *([1] * (grads.dim() - 1)))).sum(1)
 
 
 def _prepare(k: MaskedLSTMKernels, a: _Args) -> Tuple[Weights, Weights]:
