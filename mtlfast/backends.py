@@ -39,6 +39,15 @@ def _memoized(fn: Callable[[], Reason]) -> Callable[[], Reason]:
     return wrapper
 
 
+def autotune_enabled() -> bool:
+    """MTLFAST_AUTOTUNE: unset or anything but 0 / false / off / no: Triton kernels time their
+    candidates for each new autotune key (the usual Triton autotuning); 0: no kernel times
+    anything, each runs the first candidate its prune keeps for the launch (the first of its list
+    wherever that fits). For test runs on a GPU, where every new shape would otherwise compile and
+    time every candidate. The kernels read it once, at import."""
+    return os.environ.get("MTLFAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
 def triton_interpreter_enabled() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

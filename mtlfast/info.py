@@ -125,6 +125,7 @@ def collect() -> dict[str, Any]:
         "cpu": f"{_cpu_name()} ({platform.machine()}), {torch.get_num_threads()} torch threads",
         "native_build": build,
         "triton_interpreter": backends.triton_interpreter_enabled(),
+        "triton_autotune": backends.autotune_enabled(),
         "forced_backend": backends.forced_backend(),
         "backends": backends.available_backends(),
     }
@@ -134,7 +135,8 @@ def render(info: dict[str, Any]) -> str:
     lines = [f"mtlfast {info['mtlfast']}  (git {info['git']}, python {info['python']})",
              f"torch {info['torch']}  CUDA runtime {info['torch_cuda'] or 'none (CPU build)'}",
              f"triton {info['triton'] or 'not installed'}  "
-             f"interpreter {'ON (TRITON_INTERPRET=1)' if info['triton_interpreter'] else 'off'}",
+             f"interpreter {'ON (TRITON_INTERPRET=1)' if info['triton_interpreter'] else 'off'}  "
+             f"autotuning {'on' if info['triton_autotune'] else 'OFF (MTLFAST_AUTOTUNE=0)'}",
              f"devices: {', '.join(info['cuda_devices']) or 'no CUDA device'}; CPU {info['cpu']}",
              f"mtlfast._C: {info['native_build']}",
              f"forced backend: {info['forced_backend'] or 'none (automatic)'}",

@@ -9,29 +9,19 @@ allocate the outputs; autograd and dispatch live in mtlfast/ops.
 """
 from __future__ import annotations
 
-import os
 from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from mtlfast.backends import triton_interpreter_enabled
+from mtlfast.backends import autotune_enabled, triton_interpreter_enabled
 
 _INTERPRET = triton_interpreter_enabled()
 _INT32_MAX = 2**31 - 1
 
 
-def autotune_enabled() -> bool:
-    """MTLFAST_AUTOTUNE, read once at import like TRITON_INTERPRET: unset or anything but 0 / false /
-    off / no: kernels time their candidates for each new autotune key (the usual Triton autotuning);
-    0: no kernel times anything, each runs the first candidate its prune keeps for the launch (the
-    first of its list wherever that fits). For test runs on a GPU, where every new shape would
-    otherwise compile and time every candidate."""
-    return os.environ.get("MTLFAST_AUTOTUNE", "1").strip().lower() not in ("0", "false", "off", "no")
-
-
-_AUTOTUNE = autotune_enabled()
+_AUTOTUNE = autotune_enabled()      # mtlfast.backends: read once at import, like TRITON_INTERPRET
 
 # A kernel's candidates: (the one config the interpreter runs, the GPU's list). The first of the
 # GPU's list is the default: what MTLFAST_AUTOTUNE=0 runs wherever the prune keeps it, so it should
