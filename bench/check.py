@@ -10,9 +10,11 @@ from mtlfast.ops.definition import DEFAULT_TOLERANCES
 
 # Norm-wise relative error allowed per dtype, from the ops' one tolerance table: its rtol, times 10
 # in fp32/fp64 (a workload is many ops and steps, and eager, oneDNN and torch.compile order their
-# sums differently) and times 2 in fp16/bf16 (rounding to the output dtype dominates already).
+# sums differently); as it is in fp16/bf16, where rounding to the output dtype dominates and the
+# expected results come from a float32 oracle (bench/runner.py). Measured on the tiny CPU
+# workloads in bf16: at most 1.3e-2 against 2e-2.
 TOLERANCE: dict[torch.dtype, float] = {
-    dtype: rtol * (10 if dtype in (torch.float32, torch.float64) else 2)
+    dtype: rtol * (10 if dtype in (torch.float32, torch.float64) else 1)
     for dtype, (_, rtol) in DEFAULT_TOLERANCES.items()}
 
 
