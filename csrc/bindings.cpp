@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "buffers.h"
+#include "cpu/masked_linear.h"
 #include "cpu/masked_lstm.h"
 #include "cpu/gumbel.h"
 #include "cpu/sluice.h"
@@ -213,6 +214,72 @@ void mask_select(py::handle src_, py::handle index_, py::handle masks_, py::hand
     using T = decltype(tag);
     cpu::mask_select<T>(G, N * K, src.as<const T>(), index.as<const int64_t>(), masks.as<const uint8_t>(),
                         mask_index.as<const int64_t>(), out.as<T>(), team);
+  });
+}
+
+// What the direct masked_linear functions share: w (N, K) and its bool mask, sizes from w.
+struct DirectWeight {
+  Buffer w, mask;
+  int64_t N, K;
+};
+
+DirectWeight direct_weight(const Call& c, py::handle w_, py::handle mask_, const Buffer& ref) {
+  DirectWeight d;
+  d.w = c.like(w_, "w", ref, "(N, K)", {buffers::kAny, buffers::kAny});
+  d.N = d.w.shape[0], d.K = d.w.shape[1];
+  d.mask = c.typed(mask_, "mask", kBool, ref, "(N, K)", {d.N, d.K});
+  return d;
+}
+
+void masked_linear_direct_forward(py::handle x_, py::handle w_, py::handle mask_, py::handle bias_, py::handle out_,
+                                  int64_t threads) {
+  const Call c("masked_linear_direct_forward");
+  const Buffer x = cpu_floats(c, x_, "x");
+  const int64_t M = c.sizes<2>(x, "(M, K)")[0];
+  const DirectWeight d = direct_weight(c, w_, mask_, x);
+  c.matches(x, d.w, "(M, K)", {M, d.K});
+  const Buffer bias = c.like(bias_, "bias", x, "(N,)", {d.N}, true);
+  const Buffer out = c.like(out_, "out", x, "(M, N)", {M, d.N});
+  c.disjoint({&out}, {&x, &d.w, &d.mask, &bias});
+  run_cpu(c, x, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::masked_linear_direct_forward<T>(M, d.N, d.K, x.as<const T>(), d.w.as<const T>(), d.mask.as<const uint8_t>(),
+                                         bias.as<const T>(), out.as<T>(), team);
+  });
+}
+
+void masked_linear_direct_grad_input(py::handle dy_, py::handle w_, py::handle mask_, py::handle dx_,
+                                     int64_t threads) {
+  const Call c("masked_linear_direct_grad_input");
+  const Buffer dy = cpu_floats(c, dy_, "dy");
+  const int64_t M = c.sizes<2>(dy, "(M, N)")[0];
+  const DirectWeight d = direct_weight(c, w_, mask_, dy);
+  c.matches(dy, d.w, "(M, N)", {M, d.N});
+  const Buffer dx = c.like(dx_, "dx", dy, "(M, K)", {M, d.K});
+  c.disjoint({&dx}, {&dy, &d.w, &d.mask});
+  run_cpu(c, dy, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::masked_linear_direct_grad_input<T>(M, d.N, d.K, dy.as<const T>(), d.w.as<const T>(),
+                                            d.mask.as<const uint8_t>(), dx.as<T>(), team);
+  });
+}
+
+void masked_linear_direct_grad_weight(py::handle dy_, py::handle x_, py::handle mask_, py::handle dw_,
+                                      py::handle dbias_, int64_t threads) {
+  const Call c("masked_linear_direct_grad_weight");
+  const Buffer dy = cpu_floats(c, dy_, "dy");
+  const std::array<int64_t, 2> dys = c.sizes<2>(dy, "(M, N)");
+  const int64_t M = dys[0], N = dys[1];
+  const Buffer x = c.like(x_, "x", dy, "(M, K)", {M, buffers::kAny});
+  const int64_t K = x.shape[1];
+  const Buffer mask = c.typed(mask_, "mask", kBool, dy, "(N, K)", {N, K});
+  const Buffer dw = c.like(dw_, "dw", dy, "(N, K)", {N, K});
+  const Buffer dbias = c.like(dbias_, "dbias", dy, "(N,)", {N}, true);
+  c.disjoint({&dw, &dbias}, {&dy, &x, &mask});
+  run_cpu(c, dy, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::masked_linear_direct_grad_weight<T>(M, N, K, dy.as<const T>(), x.as<const T>(), mask.as<const uint8_t>(),
+                                             dw.as<T>(), dbias.as<T>(), team);
   });
 }
 
@@ -558,6 +625,17 @@ PYBIND11_MODULE(_C, m) {
         py::arg("cells"), py::arg("c0"), py::arg("w"), py::arg("lengths"), py::arg("reverse"), py::arg("dgates"),
         py::arg("dh0"), py::arg("dc0"), py::arg("threads"),
         "Backward of lstm_forward (csrc/cpu/masked_lstm.h); shapes as there, dgates (G, T, B, 4H)");
+  m.def("masked_linear_direct_forward", &masked_linear_direct_forward, py::arg("x"), py::arg("w"), py::arg("mask"),
+        py::arg("bias"), py::arg("out"), py::arg("threads"),
+        "out (M, N) = x (M, K) @ where(mask, w, 0)^T (+ bias (N,)), mask (N, K) bool, read where w is "
+        "(csrc/cpu/masked_linear.h: the few-rows CPU path)");
+  m.def("masked_linear_direct_grad_input", &masked_linear_direct_grad_input, py::arg("dy"), py::arg("w"),
+        py::arg("mask"), py::arg("dx"), py::arg("threads"), "dx (M, K) = dy (M, N) @ where(mask, w, 0)");
+  m.def("masked_linear_direct_grad_weight", &masked_linear_direct_grad_weight, py::arg("dy"), py::arg("x"),
+        py::arg("mask"), py::arg("dw"), py::arg("dbias"), py::arg("threads"),
+        "dw (N, K) = where(mask, dy^T @ x, 0); dbias (N,) = dy summed over rows, or None");
+  m.def("direct_rows", [] { return cpu::kMaskedLinearDirectRows; },
+        "the row count up to which masked_linear's CPU backend runs the direct loops");
   m.def("mask_select", &mask_select, py::arg("src"), py::arg("index"), py::arg("masks"), py::arg("mask_index"),
         py::arg("out"), py::arg("threads"),
         "out (G, N, K)[g] = src[index[g]] (src[g] when index is None) where masks[mask_index[g]], else 0; "

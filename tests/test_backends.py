@@ -87,8 +87,9 @@ def test_use_backend_nests_and_wins_over_env(monkeypatch):
 # interpreter is never picked); on CUDA triton, then the CUDA C++ kernel (masked_linear only), else torch.
 CHOICES = {
     "cpu": [
-        ("masked_linear", torch.float32, {"reference", "triton"}, "reference"),        # no CPU kernel
-        ("masked_linear", torch.float64, {"reference"}, "reference"),
+        ("masked_linear", torch.float32, {"reference", "triton", "cpu"}, "cpu"),
+        ("masked_linear", torch.float64, {"reference", "cpu"}, "cpu"),
+        ("masked_linear", torch.float16, {"reference", "triton"}, "reference"),        # cpu: float32/64 only
         ("alpha_mix", torch.float32, {"reference", "triton", "cpu"}, "cpu"),
         ("layer_mix", torch.float64, {"reference", "cpu"}, "cpu"),
         ("orthogonality_penalty", torch.float32, {"reference", "triton"}, "reference"),  # no CPU kernel

@@ -282,6 +282,23 @@ def _linear(draw, min_size, op: str):
     return {**values, "stream": Raw("stream")}, {}
 
 
+def _direct(draw, min_size, op: str):
+    """A call of the cpu backend's direct masked_linear loops (bool mask, contiguous buffers)."""
+    import hypothesis.strategies as st
+    M, N = draw(st.integers(min_size, 9)), draw(st.integers(min_size, 9))
+    K = draw(st.integers(min_size, 70))        # past 16 and 64: the AVX-512 tiles' tails
+    dt = draw(_floats([torch.float32, torch.float64]))
+    mask = torch.rand(N, K) < 0.5
+    x, w, dy = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt), torch.randn(M, N, dtype=dt)
+    with_bias = draw(st.booleans())
+    values = {"forward": dict(x=x, w=w, mask=mask, bias=torch.randn(N, dtype=dt) if with_bias else None,
+                              out=torch.empty(M, N, dtype=dt)),
+              "grad_input": dict(dy=dy, w=w, mask=mask, dx=torch.empty(M, K, dtype=dt)),
+              "grad_weight": dict(dy=dy, x=x, mask=mask, dw=torch.empty(N, K, dtype=dt),
+                                  dbias=torch.empty(N, dtype=dt) if with_bias else None)}[op]
+    return {**values, "threads": Raw(2)}, {}
+
+
 def _f(name, kind="float", **kw):
     return Arg(name, kind, **kw)
 
@@ -316,6 +333,14 @@ SPECS = [
     Spec("gumbel_sigmoid_backward", [_f("dz"), _f("x"), _f("tau", "tau"), _f("seed", "seed"),
                                      _f("dx", output=True), _f("threads", "threads")],
          lambda draw, m: _gumbel(draw, m, True), still_valid=_gumbel_still_valid),
+    Spec("masked_linear_direct_forward", [_f("x"), _f("w"), _f("mask", "bool"), _f("bias", optional=True),
+                                          _f("out", output=True), _f("threads", "threads")],
+         lambda draw, m: _direct(draw, m, "forward")),
+    Spec("masked_linear_direct_grad_input", [_f("dy"), _f("w"), _f("mask", "bool"), _f("dx", output=True),
+                                             _f("threads", "threads")], lambda draw, m: _direct(draw, m, "grad_input")),
+    Spec("masked_linear_direct_grad_weight", [_f("dy"), _f("x"), _f("mask", "bool"), _f("dw", output=True),
+                                              _f("dbias", output=True, optional=True), _f("threads", "threads")],
+         lambda draw, m: _direct(draw, m, "grad_weight")),
     Spec("masked_linear_forward", [_f("x", strided=True), _f("w", strided=True), _f("mask_bits", "int32", strided=True),
                                    _f("bias", optional=True), _f("out", output=True), _f("stream", "stream")],
          lambda draw, m: _linear(draw, m, "forward"), cuda=True),

@@ -347,11 +347,6 @@ MTLFAST_CLONES void backward_thread(const BackwardArgs<T>& a, int t, int threads
   }
 }
 
-// Never more threads than work items, and at least one.
-int team_size(int threads, int64_t items) {
-  return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, items)));
-}
-
 template <typename T>
 MTLFAST_CLONES void mask_select_range(int64_t begin, int64_t end, int64_t size, const T* src, const int64_t* index,
                                       const uint8_t* masks, const int64_t* mask_index, T* out) {

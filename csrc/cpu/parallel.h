@@ -80,6 +80,11 @@ inline void run_team(int threads, const std::function<void(int, int, SpinBarrier
   for (auto& thread : team) thread.join();
 }
 
+// Never more threads than work items, and at least one.
+inline int team_size(int threads, int64_t items) {
+  return static_cast<int>(items < threads ? (items > 1 ? items : 1) : threads);
+}
+
 // [begin, end) of `items` for thread `t` of `threads`, contiguous and balanced to within one.
 inline void split(int64_t items, int t, int threads, int64_t* begin, int64_t* end) {
   *begin = items * t / threads;

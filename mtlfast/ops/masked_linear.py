@@ -2,20 +2,20 @@
 
 - ``masked_linear_reference``: pure PyTorch, any device; the test oracle and the ``reference``
   backend. Autograd gives dW = M ⊙ (dyᵀ x), zero outside the mask.
-- ``MASKED_LINEAR``: the op's one definition (mtlfast/ops/definition.py) over the ``triton`` and
-  ``cuda`` adapters (``masked_linear_<backend>.py``), fused kernels reading the mask bit-packed;
-  W ⊙ M never exists. On CPU torch's matmul (the reference) is the fast path.
+- ``MASKED_LINEAR``: the op's one definition (mtlfast/ops/definition.py) over the ``triton``,
+  ``cuda`` and ``cpu`` adapters (``masked_linear_<backend>.py``): the GPU kernels read the mask
+  bit-packed and W ⊙ M never exists; the CPU one reads the bool mask directly for few rows and
+  runs BLAS on a masked copy for many (masked_linear_cpu.py says why).
 - ``masked_linear``: applies its autocast policy, validates, picks a backend, dispatches.
 """
 from __future__ import annotations
 
-from typing import Optional, Protocol, Tuple
+from typing import Any, Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from mtlfast import _checks
-from mtlfast.bitmask import pack
 from mtlfast.ops import common
 from mtlfast.ops.definition import FLOAT_DTYPES, TRITON_DTYPES, OpDefinition
 
@@ -66,36 +66,41 @@ def _explain_invalid(x: object, weight: object, mask: object, bias: object) -> N
 
 
 class MaskedLinearKernels(Protocol):
-    """What a backend's adapter (``ops/masked_linear_<backend>.py``) implements. ``mask_bits``: the
-    mask bit-packed by :func:`mtlfast.bitmask.pack`, (N, ceil(K/32)) int32."""
+    """What a backend's adapter (``ops/masked_linear_<backend>.py``) implements. ``prepared``: what
+    its ``prepare`` made of the mask for calls of that many rows (the GPU kernels: the mask
+    bit-packed by :func:`mtlfast.bitmask.pack`, (N, ceil(K/32)) int32)."""
 
-    def forward(self, x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor,
+    def prepare(self, weight: torch.Tensor, mask: torch.Tensor, rows: int) -> Any:
+        """weight (N, K), mask (N, K) bool -> what the calls below read the mask through, for
+        ``rows`` rows; made on every call (triton_kernels/bitmask.py says why nothing is cached)."""
+
+    def forward(self, x: torch.Tensor, weight: torch.Tensor, prepared: Any,
                 bias: Optional[torch.Tensor]) -> torch.Tensor:
         """x (M, K), weight (N, K), bias (N,) or None -> (M, N) in x's dtype."""
 
-    def grad_input(self, grad_out: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor) -> torch.Tensor:
+    def grad_input(self, grad_out: torch.Tensor, weight: torch.Tensor, prepared: Any) -> torch.Tensor:
         """grad_out (M, N) -> dx (M, K) = grad_out @ (weight ⊙ mask)."""
 
-    def grad_weight(self, grad_out: torch.Tensor, x: torch.Tensor, mask_bits: torch.Tensor,
+    def grad_weight(self, grad_out: torch.Tensor, x: torch.Tensor, prepared: Any,
                     with_bias: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """-> (dW (N, K), exactly 0 outside the mask; dbias (N,) or None)."""
 
 
 def _forward(k: MaskedLinearKernels, args: tuple, save: bool):
     x, weight, mask, bias = args
-    bits = pack(mask)       # on every call: triton_kernels/bitmask.py says why nothing is cached
-    return (k.forward(x, weight, bits, bias),), (), bits
+    prepared = k.prepare(weight, mask, x.shape[0])
+    return (k.forward(x, weight, prepared, bias),), (), (prepared if save else None)
 
 
-def _backward(k: MaskedLinearKernels, args: tuple, saved: tuple, bits: Optional[torch.Tensor], needs: tuple,
-              grads: tuple):
+def _backward(k: MaskedLinearKernels, args: tuple, saved: tuple, prepared: Any, needs: tuple, grads: tuple):
     x, weight, mask, bias = args
     need_x, need_w, _, need_b = needs
     grad_out = grads[0].contiguous()
-    bits = pack(mask) if bits is None else bits
-    dx = k.grad_input(grad_out, weight, bits) if need_x else None
+    if prepared is None:
+        prepared = k.prepare(weight, mask, grad_out.shape[0])
+    dx = k.grad_input(grad_out, weight, prepared) if need_x else None
     if need_w:      # dbias rides on the dW kernel
-        dw, dbias = k.grad_weight(grad_out, x, bits, need_b and bias is not None)
+        dw, dbias = k.grad_weight(grad_out, x, prepared, need_b and bias is not None)
     else:
         dw, dbias = None, (grad_out.sum(0) if need_b else None)
     return dx, dw, None, dbias
@@ -108,10 +113,10 @@ def _fake(args: tuple):
 
 MASKED_LINEAR = OpDefinition(
     OP, "(Tensor x, Tensor weight, Tensor mask, Tensor? bias)", reference=masked_linear_reference,
-    adapters={"triton": "mtlfast.ops.masked_linear_triton", "cuda": "mtlfast.ops.masked_linear_cuda"},
-    dtypes={"triton": TRITON_DTYPES, "cuda": FLOAT_DTYPES},
-    forward=_forward, backward=_backward, fake=_fake, num_outputs=1,
-    no_kernel={"cpu": "no CPU kernel for masked_linear: torch's matmul (the reference) is faster on CPU"})
+    adapters={"triton": "mtlfast.ops.masked_linear_triton", "cuda": "mtlfast.ops.masked_linear_cuda",
+              "cpu": "mtlfast.ops.masked_linear_cpu"},
+    dtypes={"triton": TRITON_DTYPES, "cuda": FLOAT_DTYPES, "cpu": (torch.float32, torch.float64)},
+    forward=_forward, backward=_backward, fake=_fake, num_outputs=1)
 
 
 @common.autocast("lower")

@@ -8,6 +8,12 @@ from typing import Optional, Tuple
 import torch
 
 from mtlfast._native import capsule, lib
+from mtlfast.bitmask import pack
+
+
+def prepare(weight: torch.Tensor, mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """The mask bit-packed, (N, ceil(K/32)) int32: what the kernels read."""
+    return pack(mask)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor,

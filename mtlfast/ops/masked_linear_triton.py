@@ -7,6 +7,7 @@ from typing import Optional, Tuple
 
 import torch
 
+from mtlfast.bitmask import pack
 from mtlfast.triton_kernels.masked_gemm import (grouped_masked_matmul, grouped_masked_matmul_grad_input,
                                                 grouped_masked_matmul_grad_weight)
 
@@ -19,6 +20,11 @@ def _index0(device: torch.device) -> torch.Tensor:
     if index is None:
         index = _zero_index[device] = torch.zeros(1, dtype=torch.int64, device=device)
     return index
+
+
+def prepare(weight: torch.Tensor, mask: torch.Tensor, rows: int) -> torch.Tensor:
+    """The mask bit-packed, (N, ceil(K/32)) int32: what the kernels read."""
+    return pack(mask)
 
 
 def forward(x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor,
