@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.machine import MachineLimits
 from bench.peaks import Peak
 
 SCHEMA = "mtlfast-bench/1"
@@ -29,6 +30,7 @@ FIELDS: tuple[str, ...] = (
     "git", "threads", "python", "timestamp",
     "clock", "median_s", "quantiles_s", "rounds", "times",
     "flops", "bytes", "tflops", "gbps", "peak", "frac_peak_flops", "frac_peak_bw",
+    "machine", "frac_machine_flops", "frac_machine_bw",
     "speedup_vs_eager", "frac_dense", "rel_err", "note", "launches", "launch_kind",
 )
 
@@ -78,22 +80,26 @@ def not_run(record: dict[str, Any], status: str, reason: str) -> dict[str, Any]:
 def measured(record: dict[str, Any], *, samples: Mapping[str, list[float]], clock: str,
              flops: float, nbytes: float, peak: Peak | None, rel_err: float | None,
              note: str | None = None, launches: float | None = None,
-             launch_kind: str | None = None) -> dict[str, Any]:
+             launch_kind: str | None = None, machine: MachineLimits | None = None) -> dict[str, Any]:
     """``record`` completed from timing samples per clock and the op's cost (``note``: why
     ``rel_err`` is null for a provider of a random op, and what was checked instead;
     ``launches``: per call, of ``launch_kind``: "kernel launches" on a GPU, "operator calls" on
-    a CPU; None when mtlfast.profile could not count them)."""
+    a CPU; None when mtlfast.profile could not count them; ``machine``: the CPU's limits measured
+    in the same run, bench/machine.py)."""
     times = {name: summarize(s) for name, s in samples.items()}
     primary = times[clock]
     tflops, gbps = throughput(flops, nbytes, primary["median_s"])
     frac_flops, frac_bw = fractions(tflops, gbps, record["dtype"], peak)
+    machine_fields = ({"machine": machine.as_record(),
+                       "frac_machine_flops": tflops * 1e12 / machine.gemm_flops_per_s,
+                       "frac_machine_bw": gbps * 1e9 / machine.copy_bytes_per_s} if machine else {})
     return {**record, "status": "ok", "clock": clock, "median_s": primary["median_s"],
             "quantiles_s": primary["quantiles_s"], "rounds": primary["rounds"], "times": times,
             "flops": flops, "bytes": nbytes, "tflops": tflops, "gbps": gbps,
             "peak": None if peak is None else {"name": peak.name, "bytes_per_s": peak.bytes_per_s,
                                                "flops_per_s": peak.flops(record["dtype"])},
             "frac_peak_flops": frac_flops, "frac_peak_bw": frac_bw, "rel_err": rel_err, "note": note,
-            "launches": launches, "launch_kind": launch_kind}
+            "launches": launches, "launch_kind": launch_kind, **machine_fields}
 
 
 def group_key(record: Mapping[str, Any]) -> tuple:

@@ -9,7 +9,7 @@ from torch.utils._pytree import tree_leaves
 
 from mtlfast import info
 
-from bench import check, peaks, providers, records, registry, timer
+from bench import check, machine, peaks, providers, records, registry, timer
 from bench.cases import Case, Settings
 
 # dtypes whose eager run is no oracle: the expected results come from float32 inputs (see _expected)
@@ -74,6 +74,8 @@ class Runner:
         self.timer = timer.Timer(self.device, timer.QUICK if settings.quick else timer.DEFAULT)
         self.env = info.environment(self.device.type)
         self.peak = peaks.lookup(self.env["device_name"]) if self.device.type == "cuda" else None
+        # a CPU has no datasheet peak here: its GEMM rate and copy bandwidth, measured once per run
+        self.machine = machine.measure(settings.torch_dtype, settings.quick) if self.device.type == "cpu" else None
         self.records: list[dict[str, Any]] = []
         self._eager: tuple[tuple, Result] | None = None  # one slot: cases come grouped
 
@@ -133,4 +135,4 @@ class Runner:
         return records.measured(record, samples=samples, clock=self.timer.primary_clock,
                                 flops=spec.flops(w.params, case.mode), nbytes=io_bytes(args, result),
                                 peak=self.peak, rel_err=rel_err, note=note,
-                                launches=launch_count, launch_kind=launch_kind)
+                                launches=launch_count, launch_kind=launch_kind, machine=self.machine)

@@ -316,3 +316,33 @@ def test_low_precision_is_checked_against_a_float32_oracle():
     exact = spec.make_inputs(case.workload.params, torch.device("cpu"), torch.float32, True, settings.seed)
     ref_out = spec.eager(*exact)
     torch.testing.assert_close(outs[0], ref_out.detach(), rtol=0, atol=0)
+
+
+def test_cpu_records_carry_fractions_of_the_measured_machine(run: dict) -> None:
+    """Every measured CPU record divides its TFLOP/s and GB/s by this machine's GEMM rate and copy
+    bandwidth, measured once in the same run; the report shows both and a best-provider summary."""
+    ok = [r for r in run["records"] if r["status"] == "ok"]
+    if ok[0]["device"] != "cpu":
+        assert all(r["machine"] is None and r["frac_machine_flops"] is None for r in ok)
+        return
+    limits = {json.dumps(r["machine"], sort_keys=True) for r in ok}
+    assert len(limits) == 1, "one measurement per run"
+    machine = ok[0]["machine"]
+    assert machine["gemm_flops_per_s"] > 1e8 and machine["copy_bytes_per_s"] > 1e7 and "torch.mm" in machine["how"]
+    for r in ok:
+        assert r["frac_machine_flops"] == pytest.approx(r["tflops"] * 1e12 / machine["gemm_flops_per_s"], rel=1e-12)
+        assert r["frac_machine_bw"] == pytest.approx(r["gbps"] * 1e9 / machine["copy_bytes_per_s"], rel=1e-12)
+    text = (run["out"] / "report.md").read_text()
+    assert "% GEMM rate" in text and "copy" in text and "measured in the run" in text
+    summary = [line for line in text.splitlines() if line.startswith("| masked_linear | tiny | fwd |")][-1]
+    cells = [c.strip() for c in summary.strip("|").split("|")]
+    mine, other, ratio = cells[3], cells[4], cells[5]
+    assert mine.split()[0] in ("reference", "cpu", "triton", "cuda") and other.split()[0] in ("eager", "compile")
+    assert ratio.endswith("×")
+
+
+def test_machine_limits_are_measured_not_assumed() -> None:
+    from bench import machine
+    limits = machine.measure(torch.float64, quick=True)
+    assert limits.gemm_flops_per_s > 0 and limits.copy_bytes_per_s > 0
+    assert "torch.mm 256x256 float64" in limits.how and "4 MiB" in limits.how
