@@ -210,3 +210,13 @@ def test_bad_input(case, override, error, fragments):
         MF.masked_linear(args["x"], args["weight"], args["mask"], args["bias"])
     for fragment in fragments:
         assert fragment in str(info.value), f"{fragment!r} not in {info.value!s}"
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the cpu backend runs CPU tensors")
+@pytest.mark.parametrize("rows", [16, 17], ids=["direct-loops", "blas"])
+def test_cpu_custom_op_on_both_paths(rows):
+    """opcheck (schema, fake, autograd registration) of the custom op on either side of the cpu
+    backend's switch from its own loops to BLAS on a masked copy (tests/test_op_definitions.py
+    samples only one size)."""
+    x, w, m, b = make_inputs(rows, 40, 33, torch.float32)
+    torch.library.opcheck(torch.ops.mtlfast.masked_linear.default, (x, w, m, b, "cpu"))
