@@ -38,9 +38,12 @@ def _index0() -> torch.Tensor:
     return _zero_index[0]
 
 
+_DIRECT_ROWS = lib().direct_rows()   # the adapter is imported when the cpu backend first runs
+
+
 def direct(rows: int) -> bool:
     """Whether ``rows`` rows run the direct loops (else BLAS on a masked copy)."""
-    return rows <= lib().direct_rows()
+    return rows <= _DIRECT_ROWS
 
 
 def _mask_into(src: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
