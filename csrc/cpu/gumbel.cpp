@@ -211,10 +211,7 @@ bool all_ok(int64_t n, int64_t min_per_thread, int threads, F&& body) {
 
 void philox_uniform(uint64_t seed, int64_t offset0, int64_t n, float* out, int threads) {
   for_range(n, kMinPerThread, threads, [&](int64_t begin, int64_t end) {
-    for (int64_t i = begin; i < end; i += kFloatLanes) {
-      const VFloat u = uniform8(seed, static_cast<uint64_t>(offset0 + i));
-      std::memcpy(out + i, &u, static_cast<size_t>(std::min<int64_t>(kFloatLanes, end - i)) * sizeof(float));
-    }
+    uniform_into(seed, static_cast<uint64_t>(offset0 + begin), end - begin, out + begin);
   });
 }
 
