@@ -10,8 +10,9 @@ namespace mtlfast {
 namespace cpu {
 namespace {
 
-// Elements of a chunk: out's chunk (and dout's) stays in L1 while the components stream past it.
-constexpr int64_t kChunk = 2048;
+// Elements of a chunk: out's chunk (and dout's) stays in L2 while the components stream past it,
+// in runs long enough for the hardware prefetcher (2048-element runs were 1.6x slower backward).
+constexpr int64_t kChunk = 1 << 14;
 // Below this many elements per thread a second thread costs more than it saves.
 constexpr int64_t kMinPerThread = 1 << 15;
 
