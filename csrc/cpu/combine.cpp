@@ -16,13 +16,17 @@ constexpr int64_t kChunk = 1 << 14;
 // Below this many elements per thread a second thread costs more than it saves.
 constexpr int64_t kMinPerThread = 1 << 15;
 
-// 1 / D, D = max(1, sum z), the sum in float64 (C is small).
+// w_c = z_c / D, D = max(1, sum z), in T; the sum (in float64: C is small) and 1 / D through
+// the pointers.
 template <typename T>
-double inverse_denominator(int64_t C, const T* z, double* total) {
+std::vector<T> weights(int64_t C, const T* z, double* total, double* inv) {
   double sum = 0.0;
   for (int64_t c = 0; c < C; ++c) sum += static_cast<double>(z[c]);
   *total = sum;
-  return 1.0 / std::max(1.0, sum);
+  *inv = 1.0 / std::max(1.0, sum);
+  std::vector<T> w(C);
+  for (int64_t c = 0; c < C; ++c) w[c] = static_cast<T>(static_cast<double>(z[c]) * *inv);
+  return w;
 }
 
 int team_for(int64_t N, int threads) {
@@ -80,10 +84,8 @@ MTLFAST_CLONES void backward_range(int64_t begin, int64_t end, int64_t C, int64_
 
 template <typename T>
 void allocation_combine_forward(int64_t C, int64_t N, const T* outputs, const T* z, T* out, int threads) {
-  double total;
-  const double inv = inverse_denominator(C, z, &total);
-  std::vector<T> w(C);
-  for (int64_t c = 0; c < C; ++c) w[c] = static_cast<T>(static_cast<double>(z[c]) * inv);
+  double total, inv;
+  const std::vector<T> w = weights(C, z, &total, &inv);
   run_team(team_for(N, threads), [&](int t, int count, SpinBarrier&) {
     int64_t begin, end;
     split(N, t, count, &begin, &end);
@@ -94,10 +96,8 @@ void allocation_combine_forward(int64_t C, int64_t N, const T* outputs, const T*
 template <typename T>
 void allocation_combine_backward(int64_t C, int64_t N, const T* dout, const T* outputs, const T* z, T* doutputs,
                                  T* dz, int threads) {
-  double total;
-  const double inv = inverse_denominator(C, z, &total);
-  std::vector<T> w(C);
-  for (int64_t c = 0; c < C; ++c) w[c] = static_cast<T>(static_cast<double>(z[c]) * inv);
+  double total, inv;
+  const std::vector<T> w = weights(C, z, &total, &inv);
   const int team = team_for(N, threads);
   std::vector<double> dots(static_cast<size_t>(team) * C, 0.0);  // one row per thread
   run_team(team, [&](int t, int count, SpinBarrier&) {

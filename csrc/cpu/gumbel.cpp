@@ -236,6 +236,7 @@ void gumbel_sigmoid_backward(int64_t N, bool pairs, const T* dz, const T* x, dou
 template <typename T>
 bool gumbel_softmax_forward(int64_t R, int64_t C, const T* x, double tau, uint64_t seed, bool hard, T* y,
                             int threads) {
+  if (R == 0 || C == 0) return true;  // nothing to read (and no row width to divide by)
   const T t = static_cast<T>(tau);
   return all_ok(R, std::max<int64_t>(1, kMinPerThread / C), threads, [&](int64_t begin, int64_t end) {
     return softmax_forward_range(begin, end, C, x, t, seed, hard, y);
@@ -245,6 +246,7 @@ bool gumbel_softmax_forward(int64_t R, int64_t C, const T* x, double tau, uint64
 template <typename T>
 void gumbel_softmax_backward(int64_t R, int64_t C, const T* dy, const T* x, double tau, uint64_t seed, T* dx,
                              int threads) {
+  if (R == 0 || C == 0) return;
   const T t = static_cast<T>(tau);
   for_range(R, std::max<int64_t>(1, kMinPerThread / C), threads, [&](int64_t begin, int64_t end) {
     softmax_backward_range(begin, end, C, dy, x, t, seed, dx);

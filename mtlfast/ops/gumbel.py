@@ -11,8 +11,10 @@ finite and no finite logit or ``tau > 0`` yields NaN or inf. Non-finite logits a
 an allocation.
 
 - ``*_reference``: plain PyTorch from the same noise; the oracle and the ``reference`` backend.
-- ``cpu`` (csrc/cpu/gumbel.cpp) and ``triton`` (mtlfast/triton_kernels/gumbel.py): one pass
-  forward (noise, threshold or argmax, soft value), one pass backward.
+- ``cpu`` (csrc/cpu/gumbel.cpp, csrc/cpu/combine.cpp) and ``triton``
+  (mtlfast/triton_kernels/gumbel.py): one pass forward (noise, threshold or argmax, soft value),
+  one pass backward, for every op. The cpu kernels also check that the logits are finite while
+  they read them (see _validate_values).
 - ``tau`` is a float or a 0-d tensor; inside torch.compile it reaches the kernels as a tensor.
   A tensor tau never recompiles; a float one is symbolic after dynamo's one recompilation at the
   second value it sees (its automatic dynamic), and never after.
