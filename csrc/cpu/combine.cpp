@@ -65,17 +65,21 @@ MTLFAST_CLONES void backward_range(int64_t begin, int64_t end, int64_t C, int64_
     const int64_t n = std::min(kChunk, end - b);
     const T* g = dout + b;
     for (int64_t c = 0; c < C; ++c) {
-      if (dots != nullptr) {
-        const T* src = outputs + c * N + b;
-        T sum = T(0);
+      const T* src = outputs + c * N + b;
+      T* dst = doutputs != nullptr ? doutputs + c * N + b : nullptr;
+      const T wc = w[c];
+      T sum = T(0);
+      if (dots != nullptr && dst != nullptr) {  // one pass over the chunk of dout for both
+        for (int64_t j = 0; j < n; ++j) {
+          sum += g[j] * src[j];
+          dst[j] = wc * g[j];
+        }
+      } else if (dots != nullptr) {
         for (int64_t j = 0; j < n; ++j) sum += g[j] * src[j];
-        dots[c] += static_cast<double>(sum);
-      }
-      if (doutputs != nullptr) {
-        T* dst = doutputs + c * N + b;
-        const T wc = w[c];
+      } else if (dst != nullptr) {
         for (int64_t j = 0; j < n; ++j) dst[j] = wc * g[j];
       }
+      if (dots != nullptr) dots[c] += static_cast<double>(sum);
     }
   }
 }
