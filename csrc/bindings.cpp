@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "buffers.h"
+#include "cpu/combine.h"
 #include "cpu/masked_linear.h"
 #include "cpu/masked_lstm.h"
 #include "cpu/gumbel.h"
@@ -431,14 +432,16 @@ Gumbel gumbel(const Call& c, py::handle x_, py::handle z_, const char* z_name, d
   return g;
 }
 
-void gumbel_sigmoid_forward(py::handle x_, double tau, uint64_t seed, bool hard, py::handle z_, int64_t threads) {
+bool gumbel_sigmoid_forward(py::handle x_, double tau, uint64_t seed, bool hard, py::handle z_, int64_t threads) {
   const Call c("gumbel_sigmoid_forward");
   const Gumbel g = gumbel(c, x_, z_, "z", tau);
   c.disjoint({&g.z}, {&g.x});
+  bool finite = true;
   run_cpu(c, g.x, threads, [&](auto tag, int team) {
     using T = decltype(tag);
-    cpu::gumbel_sigmoid_forward<T>(g.z.numel, g.pairs, g.x.as<const T>(), tau, seed, hard, g.z.as<T>(), team);
+    finite = cpu::gumbel_sigmoid_forward<T>(g.z.numel, g.pairs, g.x.as<const T>(), tau, seed, hard, g.z.as<T>(), team);
   });
+  return finite;
 }
 
 void gumbel_sigmoid_backward(py::handle dz_, py::handle x_, double tau, uint64_t seed, py::handle dx_,
@@ -451,6 +454,89 @@ void gumbel_sigmoid_backward(py::handle dz_, py::handle x_, double tau, uint64_t
     using T = decltype(tag);
     cpu::gumbel_sigmoid_backward<T>(g.z.numel, g.pairs, g.z.as<const T>(), g.x.as<const T>(), tau, seed, dx.as<T>(),
                                     team);
+  });
+}
+
+// The rows x (R, C) of a gumbel_softmax call, after checking tau for x's dtype.
+Buffer softmax_rows(const Call& c, py::handle x_, double tau, int64_t* R, int64_t* C) {
+  Buffer x = cpu_floats(c, x_, "x");
+  const std::array<int64_t, 2> sizes = c.sizes<2>(x, "(R, C)");
+  *R = sizes[0], *C = sizes[1];
+  if (buffers::same(x.dtype, kFloat32)) {
+    check_tau<float>(c, tau);
+  } else {
+    check_tau<double>(c, tau);
+  }
+  return x;
+}
+
+bool gumbel_softmax_forward(py::handle x_, double tau, uint64_t seed, bool hard, py::handle y_, int64_t threads) {
+  const Call c("gumbel_softmax_forward");
+  int64_t R, C;
+  const Buffer x = softmax_rows(c, x_, tau, &R, &C);
+  const Buffer y = c.like(y_, "y", x, "(R, C)", {R, C});
+  c.disjoint({&y}, {&x});
+  bool finite = true;
+  run_cpu(c, x, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    finite = cpu::gumbel_softmax_forward<T>(R, C, x.as<const T>(), tau, seed, hard, y.as<T>(), team);
+  });
+  return finite;
+}
+
+void gumbel_softmax_backward(py::handle dy_, py::handle x_, double tau, uint64_t seed, py::handle dx_,
+                             int64_t threads) {
+  const Call c("gumbel_softmax_backward");
+  int64_t R, C;
+  const Buffer x = softmax_rows(c, x_, tau, &R, &C);
+  const Buffer dy = c.like(dy_, "dy", x, "(R, C)", {R, C});
+  const Buffer dx = c.like(dx_, "dx", x, "(R, C)", {R, C});
+  c.disjoint({&dx}, {&dy, &x});
+  run_cpu(c, x, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::gumbel_softmax_backward<T>(R, C, dy.as<const T>(), x.as<const T>(), tau, seed, dx.as<T>(), team);
+  });
+}
+
+// outputs (C, N) and z (C,) of an allocation_combine call.
+struct Combine {
+  Buffer outputs, z;
+  int64_t C, N;
+};
+
+Combine combine(const Call& c, py::handle outputs_, py::handle z_) {
+  Combine k;
+  k.outputs = cpu_floats(c, outputs_, "outputs");
+  const std::array<int64_t, 2> sizes = c.sizes<2>(k.outputs, "(C, N)");
+  k.C = sizes[0], k.N = sizes[1];
+  k.z = c.like(z_, "z", k.outputs, "(C,)", {k.C});
+  return k;
+}
+
+void allocation_combine_forward(py::handle outputs_, py::handle z_, py::handle out_, int64_t threads) {
+  const Call c("allocation_combine_forward");
+  const Combine k = combine(c, outputs_, z_);
+  const Buffer out = c.like(out_, "out", k.outputs, "(N,)", {k.N});
+  c.disjoint({&out}, {&k.outputs, &k.z});
+  run_cpu(c, k.outputs, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::allocation_combine_forward<T>(k.C, k.N, k.outputs.as<const T>(), k.z.as<const T>(), out.as<T>(), team);
+  });
+}
+
+void allocation_combine_backward(py::handle dout_, py::handle outputs_, py::handle z_, py::handle doutputs_,
+                                 py::handle dz_, int64_t threads) {
+  const Call c("allocation_combine_backward");
+  const Combine k = combine(c, outputs_, z_);
+  const Buffer dout = c.like(dout_, "dout", k.outputs, "(N,)", {k.N});
+  const Buffer doutputs = c.like(doutputs_, "doutputs", k.outputs, "(C, N)", {k.C, k.N}, true);
+  const Buffer dz = c.like(dz_, "dz", k.outputs, "(C,)", {k.C}, true);
+  c.disjoint({&doutputs, &dz}, {&dout, &k.outputs, &k.z});
+  run_cpu(c, k.outputs, threads, [&](auto tag, int team) {
+    using T = decltype(tag);
+    cpu::allocation_combine_backward<T>(k.C, k.N, dout.as<const T>(), k.outputs.as<const T>(), k.z.as<const T>(),
+                                        doutputs.present ? doutputs.as<T>() : nullptr,
+                                        dz.present ? dz.as<T>() : nullptr, team);
   });
 }
 
@@ -657,10 +743,24 @@ PYBIND11_MODULE(_C, m) {
   m.def("gumbel_sigmoid_forward", &gumbel_sigmoid_forward, py::arg("x"), py::arg("tau"), py::arg("seed"),
         py::arg("hard"), py::arg("z"), py::arg("threads"),
         "Straight-through Gumbel sigmoid on CPU (csrc/cpu/gumbel.h): z of x's shape, or of x.shape[:-1] for "
-        "complementary pairs (x's last size 2); tau in the normal range of x's dtype");
+        "complementary pairs (x's last size 2); tau in the normal range of x's dtype; returns whether every logit is "
+        "finite");
   m.def("gumbel_sigmoid_backward", &gumbel_sigmoid_backward, py::arg("dz"), py::arg("x"), py::arg("tau"),
         py::arg("seed"), py::arg("dx"), py::arg("threads"),
         "Its backward, noise recomputed from the seed (csrc/cpu/gumbel.h)");
+  m.def("gumbel_softmax_forward", &gumbel_softmax_forward, py::arg("x"), py::arg("tau"), py::arg("seed"),
+        py::arg("hard"), py::arg("y"), py::arg("threads"),
+        "Straight-through Gumbel softmax over the rows of x (R, C) into y (R, C) on CPU (csrc/cpu/gumbel.h); tau in "
+        "the normal range of x's dtype; returns whether every logit is finite");
+  m.def("gumbel_softmax_backward", &gumbel_softmax_backward, py::arg("dy"), py::arg("x"), py::arg("tau"),
+        py::arg("seed"), py::arg("dx"), py::arg("threads"),
+        "Its backward, noise recomputed from the seed (csrc/cpu/gumbel.h)");
+  m.def("allocation_combine_forward", &allocation_combine_forward, py::arg("outputs"), py::arg("z"), py::arg("out"),
+        py::arg("threads"),
+        "out (N,) = sum_c z_c outputs (C, N)_c / max(1, sum z), z (C,), on CPU (csrc/cpu/combine.h)");
+  m.def("allocation_combine_backward", &allocation_combine_backward, py::arg("dout"), py::arg("outputs"), py::arg("z"),
+        py::arg("doutputs"), py::arg("dz"), py::arg("threads"),
+        "doutputs (C, N) and dz (C,) of allocation_combine_forward, either None to skip it (csrc/cpu/combine.h)");
   m.def("cuda_device_count", &cuda_device_count, "CUDA devices visible to mtlfast._C (0 without a driver)");
 #ifdef MTLFAST_WITH_CUDA
   m.def("masked_linear_forward", &masked_linear_forward, py::arg("x"), py::arg("w"), py::arg("mask_bits"),

@@ -94,7 +94,8 @@ CHOICES = {
         ("layer_mix", torch.float64, {"reference", "cpu"}, "cpu"),
         ("orthogonality_penalty", torch.float32, {"reference", "triton"}, "reference"),  # no CPU kernel
         ("gumbel_sigmoid", torch.float32, {"reference", "triton", "cpu"}, "cpu"),
-        ("allocation_combine", torch.float32, {"reference", "triton"}, "reference"),     # no CPU kernel
+        ("allocation_combine", torch.float32, {"reference", "triton", "cpu"}, "cpu"),
+        ("allocation_combine", torch.float16, {"reference", "triton"}, "reference"),     # cpu: fp32, fp64
     ],
     "cuda": [
         ("masked_linear", torch.float32, {"reference", "triton", "cuda"}, "triton"),

@@ -113,6 +113,14 @@ def test_gumbel_empty(shape):
     assert y.shape == shape
 
 
+@pytest.mark.parametrize("shape", [(0, 5), (3, 0), (3, 2, 0)], ids=["C=0", "N=0", "N=0 2-D"])
+def test_allocation_combine_empty(shape):
+    outputs, z = torch.randn(*shape, device=DEVICE), torch.ones(shape[0], device=DEVICE)
+    (out,), (doutputs, dz) = _across_backends(_runnable(("reference", "cpu", "triton")), MF.allocation_combine,
+                                              outputs, z)
+    assert out.shape == shape[1:] and doutputs.shape == shape and torch.equal(dz, torch.zeros_like(z))
+
+
 def test_gumbel_softmax_zero_dim_and_empty_categories_as_torch():
     one = torch.tensor(1.5, device=DEVICE, requires_grad=True)
     y = MF.gumbel_softmax(one, hard=True)

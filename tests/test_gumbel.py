@@ -235,7 +235,7 @@ def test_gumbel_softmax_hard_like_torch():
     assert_close(dlogits, expected, torch.float32, "straight-through gradient")
 
 
-COMBINE_BACKENDS = backend_params(DEVICE, ("reference", "triton"))
+COMBINE_BACKENDS = backend_params(DEVICE, ("reference", "cpu", "triton"))
 
 
 @pytest.mark.parametrize("backend", COMBINE_BACKENDS)
@@ -256,6 +256,119 @@ def test_allocation_combine(backend, z):
     want.backward(grad.double())
     assert_close(outputs.grad, o64.grad, torch.float32, "d outputs")
     assert_close(zt.grad, z64.grad, torch.float32, "d z")
+
+
+@pytest.mark.parametrize("backend", COMBINE_BACKENDS)
+@pytest.mark.parametrize("dtype", (torch.float32, torch.float64), ids=("fp32", "fp64"))
+def test_allocation_combine_odd_shapes_and_strides(backend, dtype):
+    """An odd element count (no multiple of any vector width or chunk; past the cpu kernel's chunk
+    and per-thread sizes, smaller under the interpreter), non-contiguous outputs (a transposed
+    view), a soft z summing above 1 and one below: outputs and both gradients as the float64
+    reference."""
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("triton takes float16, bfloat16 and float32")
+    rows = 3 * (13 if backend == "triton" and INTERPRETED else 1013)
+    base = torch.randn(5, 17, rows, device=DEVICE, dtype=dtype)
+    outputs = base.transpose(1, 2).requires_grad_()
+    assert not outputs.is_contiguous()
+    for values in ([0.3, 0.9, 0.0, 0.5, 0.2], [0.1, 0.0, 0.2, 0.0, 0.3]):
+        z = torch.tensor(values, device=DEVICE, dtype=dtype, requires_grad=True)
+        with mtlfast.use_backend(backend):
+            out = MF.allocation_combine(outputs, z)
+        o64, z64 = outputs.detach().double().requires_grad_(), z.detach().double().requires_grad_()
+        want = allocation_combine_reference(o64, z64)
+        assert out.shape == want.shape == (rows, 17)
+        assert_close(out, want, dtype, "combine")
+        grad = torch.randn_like(out)
+        gout, gz = torch.autograd.grad(out, (outputs, z), grad)
+        wout, wz = torch.autograd.grad(want, (o64, z64), grad.double())
+        assert_close(gout, wout, dtype, "d outputs")
+        assert_close(gz, wz, dtype, "d z")
+
+
+@pytest.mark.parametrize("backend", backend_params(DEVICE, ("cpu",)))
+def test_allocation_combine_gradcheck(backend):
+    outputs = torch.randn(4, 3, 7, device=DEVICE, dtype=torch.float64, requires_grad=True)
+    for z in ([1.0, 0.0, 1.0, 1.0], [0.3, 0.2, 0.1, 0.1]):
+        zt = torch.tensor(z, device=DEVICE, dtype=torch.float64, requires_grad=True)
+        with mtlfast.use_backend(backend):
+            assert torch.autograd.gradcheck(MF.allocation_combine, (outputs, zt))
+
+
+@pytest.mark.parametrize("backend", backend_params(DEVICE, ("cpu",)))
+def test_allocation_combine_compiles_fullgraph(backend):
+    outputs = torch.randn(3, 2, 5, device=DEVICE, requires_grad=True)
+    z = torch.tensor([1.0, 0.0, 1.0], device=DEVICE, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(MF.allocation_combine, fullgraph=True)
+    with mtlfast.use_backend(backend):
+        out = compiled(outputs, z)
+        eager = MF.allocation_combine(outputs, z)
+    assert torch.equal(out, eager)
+    grads = torch.autograd.grad(out, (outputs, z), torch.ones_like(out))
+    want = torch.autograd.grad(eager, (outputs, z), torch.ones_like(eager))
+    for got, expected in zip(grads, want):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", backend_params(DEVICE, ("cpu",)))
+def test_gumbel_softmax_compiles_fullgraph(backend):
+    """The native softmax inside torch.compile: the same sample and gradient as eager from the
+    same seed."""
+    x = torch.randn(4, 5, 3, device=DEVICE, requires_grad=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: MF.gumbel_softmax(x, tau=0.5, hard=True, dim=1), fullgraph=True)
+    grad = torch.randn(4, 5, 3, device=DEVICE)
+    with mtlfast.use_backend(backend):
+        torch.manual_seed(2)
+        got = compiled(x)
+        (dgot,) = torch.autograd.grad(got, x, grad)
+        torch.manual_seed(2)
+        eager = MF.gumbel_softmax(x, tau=0.5, hard=True, dim=1)
+        (deager,) = torch.autograd.grad(eager, x, grad)
+    assert torch.equal(got, eager)
+    torch.testing.assert_close(dgot, deager)
+
+
+def test_cpu_noise_is_the_philox_stream_bit_for_bit():
+    """The native (AVX2 or baseline) Philox of mtlfast._C against mtlfast/ops/philox.py, at offsets
+    that cross a 2^32 boundary of the counter, and a sample of every op from the same stream as
+    the reference: a bit-identical u gives the reference's hard samples."""
+    from mtlfast._native import capsule, lib
+    from mtlfast.ops import philox
+    try:
+        native = lib()
+    except ImportError as error:
+        pytest.skip(f"mtlfast._C is not built: {error}")
+    seed = 0x0123456789ABCDEF
+    for offset0, n in ((0, 1), (5, 1001), (2 ** 32 - 300, 613)):
+        u = torch.empty(n)
+        native.philox_uniform(seed, offset0, capsule(u), 2)
+        want = philox.uniform(seed, torch.arange(offset0, offset0 + n))
+        assert torch.equal(u.view(torch.int32), want.view(torch.int32))
+    x = torch.randn(333, 7)
+    for backend in ("reference", "cpu"):
+        torch.manual_seed(3)
+        with mtlfast.use_backend(backend):
+            if backend == "reference":
+                hard, pairs = MF.gumbel_softmax(x, hard=True), MF.gumbel_pairs(x[:, :2].contiguous())
+            else:
+                assert torch.equal(MF.gumbel_softmax(x, hard=True), hard)
+                assert torch.equal(MF.gumbel_pairs(x[:, :2].contiguous()), pairs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("call", (lambda x: MF.gumbel_softmax(x, dim=0), lambda x: MF.gumbel_sigmoid(x),
+                                  lambda x: MF.gumbel_pairs(x.view(-1, 2))), ids=("softmax", "sigmoid", "pairs"))
+@pytest.mark.parametrize("bad", (float("inf"), float("-inf"), float("nan")), ids=("inf", "-inf", "nan"))
+def test_nonfinite_logits_are_refused_on_every_backend(backend, call, bad):
+    """The cpu kernels check the logits while they read them, the other backends before: the same
+    ValueError naming the argument, wherever the bad value sits (here past the first vector and
+    block of the native kernels)."""
+    x = torch.randn(300, 4, device=DEVICE)
+    x[271, 3] = bad
+    with mtlfast.use_backend(backend), pytest.raises(ValueError, match="argument 'logits' must be finite"):
+        call(x)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -397,3 +510,20 @@ def test_modular_layer_skips_unallocated_components_in_eval():
     assert sorted(calls) == [0, 2]                                             # components 1 and 3 skipped
     assert torch.equal(train_out, eval_out) and torch.allclose(eval_out, x * 2)
     assert torch.equal(layer(x, torch.zeros(4)), torch.zeros(2, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_allocation_combine_non_finite_outputs_of_unallocated_components(backend):
+    """An inf or NaN output of a component with z = 0 gives NaN on every backend (0 * inf), as the
+    reference's tensordot: no backend hides it, so they agree on every input."""
+    outputs = torch.randn(4, 37, device=DEVICE)
+    outputs[1, 5] = float("inf")
+    outputs[3, 9] = float("nan")
+    z = torch.tensor([1.0, 0.0, 1.0, 0.0], device=DEVICE)
+    with mtlfast.use_backend(backend):
+        out = MF.allocation_combine(outputs, z)
+    ref = allocation_combine_reference(outputs, z)
+    assert torch.isnan(out[5]) and torch.isnan(out[9]) and torch.isnan(ref[5]) and torch.isnan(ref[9])
+    finite = torch.ones(37, dtype=torch.bool, device=DEVICE)
+    finite[[5, 9]] = False
+    torch.testing.assert_close(out[finite], ref[finite])

@@ -262,6 +262,27 @@ def _gumbel_still_valid(v) -> bool:
     return z.shape == x.shape or tuple(z.shape) + (2,) == tuple(x.shape)
 
 
+def _softmax(draw, min_size, backward):
+    import hypothesis.strategies as st
+    R, C = _sizes(draw, 2, min_size)
+    dt = draw(_floats([torch.float32, torch.float64]))
+    x = torch.randn(R, C, dtype=dt)
+    common = dict(tau=Raw(draw(st.sampled_from([1.0, 0.5, 1e-30]))), seed=Raw(draw(st.integers(0, 2**64 - 1))))
+    if backward:
+        return dict(dy=torch.randn(R, C, dtype=dt), x=x, **common, dx=torch.empty_like(x), threads=Raw(2)), {}
+    return dict(x=x, **common, hard=Raw(draw(st.booleans())), y=torch.empty_like(x), threads=Raw(2)), {}
+
+
+def _combine(draw, min_size, backward):
+    C, N = _sizes(draw, 2, min_size)
+    dt = draw(_floats([torch.float32, torch.float64]))
+    outputs, z = torch.randn(C, N, dtype=dt), (torch.rand(C) < 0.5).to(dt)
+    if backward:
+        return dict(dout=torch.randn(N, dtype=dt), outputs=outputs, z=z, doutputs=torch.empty_like(outputs),
+                    dz=torch.empty_like(z), threads=Raw(2)), {}
+    return dict(outputs=outputs, z=z, out=torch.empty(N, dtype=dt), threads=Raw(2)), {}
+
+
 _CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
@@ -341,6 +362,17 @@ SPECS = [
     Spec("masked_linear_direct_grad_weight", [_f("dy"), _f("x"), _f("mask", "bool"), _f("dw", output=True),
                                               _f("dbias", output=True, optional=True), _f("threads", "threads")],
          lambda draw, m: _direct(draw, m, "grad_weight")),
+    Spec("gumbel_softmax_forward", [_f("x"), _f("tau", "tau"), _f("seed", "seed"), _f("hard", "hard"),
+                                    _f("y", output=True), _f("threads", "threads")],
+         lambda draw, m: _softmax(draw, m, False)),
+    Spec("gumbel_softmax_backward", [_f("dy"), _f("x"), _f("tau", "tau"), _f("seed", "seed"),
+                                     _f("dx", output=True), _f("threads", "threads")],
+         lambda draw, m: _softmax(draw, m, True)),
+    Spec("allocation_combine_forward", [_f("outputs"), _f("z"), _f("out", output=True), _f("threads", "threads")],
+         lambda draw, m: _combine(draw, m, False)),
+    Spec("allocation_combine_backward", [_f("dout"), _f("outputs"), _f("z"), _f("doutputs", output=True, optional=True),
+                                         _f("dz", output=True, optional=True), _f("threads", "threads")],
+         lambda draw, m: _combine(draw, m, True)),
     Spec("masked_linear_forward", [_f("x", strided=True), _f("w", strided=True), _f("mask_bits", "int32", strided=True),
                                    _f("bias", optional=True), _f("out", output=True), _f("stream", "stream")],
          lambda draw, m: _linear(draw, m, "forward"), cuda=True),

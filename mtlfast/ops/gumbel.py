@@ -11,8 +11,10 @@ finite and no finite logit or ``tau > 0`` yields NaN or inf. Non-finite logits a
 an allocation.
 
 - ``*_reference``: plain PyTorch from the same noise; the oracle and the ``reference`` backend.
-- ``cpu`` (csrc/cpu/gumbel.cpp) and ``triton`` (mtlfast/triton_kernels/gumbel.py): one pass
-  forward (noise, threshold or argmax, soft value), one pass backward.
+- ``cpu`` (csrc/cpu/gumbel.cpp, csrc/cpu/combine.cpp) and ``triton``
+  (mtlfast/triton_kernels/gumbel.py): one pass forward (noise, threshold or argmax, soft value),
+  one pass backward, for every op. The cpu kernels also check that the logits are finite while
+  they read them (see _validate_values).
 - ``tau`` is a float or a 0-d tensor; inside torch.compile it reaches the kernels as a tensor.
   A tensor tau never recompiles; a float one is symbolic after dynamo's one recompilation at the
   second value it sees (its automatic dynamic), and never after.
@@ -109,11 +111,20 @@ def allocation_combine_reference(outputs: torch.Tensor, z: torch.Tensor) -> torc
 # ---------------------------------------------------------------------------------------------
 # Validation
 
+_TAU_RANGES = {dtype: (torch.finfo(dtype).tiny, torch.finfo(dtype).max) for dtype in (torch.float32, torch.float64)}
+
+
 def _tau_range(logits: torch.Tensor) -> tuple:
     """The taus a sample of ``logits`` accepts: the normal numbers of the dtype it is computed in,
     so neither tau nor 1/tau (the slope's factor) is 0 or inf there."""
-    info = torch.finfo(common.accumulation_dtype(logits))
-    return info.tiny, info.max
+    return _TAU_RANGES[common.accumulation_dtype(logits)]
+
+
+# 0-d CPU tensors of float taus, reused: creating one costs more host time than a small sample
+# (they are never written: arguments of the ops, saved for backward). Bounded: a schedule gives a
+# new tau every step.
+_TAU_TENSORS: dict = {}
+_TAU_TENSORS_MAX = 64
 
 
 def _tau_tensor(tau: Tau, like: torch.Tensor) -> torch.Tensor:
@@ -124,17 +135,37 @@ def _tau_tensor(tau: Tau, like: torch.Tensor) -> torch.Tensor:
     if isinstance(tau, torch.Tensor):
         low, high = _tau_range(like)
         return tau.detach().to(device=like.device, dtype=acc).reshape(()).clamp(min=low, max=high)
-    return torch.tensor(float(tau), dtype=acc, device=like.device)
+    if like.device.type != "cpu" or torch.compiler.is_compiling():
+        return torch.tensor(float(tau), dtype=acc, device=like.device)
+    key = (float(tau), acc)
+    cached = _TAU_TENSORS.get(key)
+    if cached is None:
+        if len(_TAU_TENSORS) >= _TAU_TENSORS_MAX:
+            _TAU_TENSORS.clear()
+        cached = _TAU_TENSORS[key] = torch.tensor(key[0], dtype=acc)
+    return cached
+
+
+def nonfinite_logits_error(op: str) -> ValueError:
+    """The error of a sample whose logits hold inf or NaN (raised by the validation below, and by
+    the cpu kernels, which check the logits while they read them)."""
+    return ValueError(f"{op}: argument 'logits' must be finite (got inf or NaN): a ±inf logit makes the pair "
+                      "difference NaN; pin an allocation with a large finite logit instead")
 
 
 def _validate(op: str, logits: object, tau: object, pairs: bool = False) -> None:
+    """Everything but the logits' values (see _validate_values)."""
     logits = _checks.tensor(op, "logits", logits, dtypes=_checks.FLOAT_DTYPES)
     if pairs and (logits.dim() < 1 or logits.shape[-1] != 2):
         raise ValueError(f"{op}: argument 'logits' must have a last dim of 2 (complementary pairs), "
                          f"got shape {tuple(logits.shape)}")
     low, high = _tau_range(logits)
-    expected = (f"finite and > 0, in [{low:.4g}, {high:.4g}] (a normal {_checks._dtype_name(common.accumulation_dtype(logits))} "
-                f"number, the dtype the sample is computed in)")
+
+    def bad_tau(got: str) -> ValueError:
+        dtype = _checks._dtype_name(common.accumulation_dtype(logits))
+        return ValueError(f"{op}: argument 'tau' must be finite and > 0, in [{low:.4g}, {high:.4g}] (a normal "
+                          f"{dtype} number, the dtype the sample is computed in), got {got}")
+
     if isinstance(tau, torch.Tensor):
         if tau.numel() != 1 or not tau.is_floating_point():
             raise ValueError(f"{op}: argument 'tau' must be a float or a one-element float tensor, got "
@@ -144,20 +175,25 @@ def _validate(op: str, logits: object, tau: object, pairs: bool = False) -> None
         if tau.device.type == "cpu" and not torch.compiler.is_compiling():
             value = float(tau)
             if not (math.isfinite(value) and low <= value <= high):
-                raise ValueError(f"{op}: argument 'tau' must be {expected}, got {value}")
+                raise bad_tau(str(value))
     elif isinstance(tau, bool) or not isinstance(tau, (int, float, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"{op}: argument 'tau' must be a float or a tensor, got {type(tau).__name__}")
     elif not torch.compiler.is_compiling() and not (math.isfinite(tau) and low <= tau <= high):
         # while compiling, a float tau is symbolic (so a new value does not recompile): unchecked
-        raise ValueError(f"{op}: argument 'tau' must be {expected}, got {tau!r}")
-    if logits.numel():
-        message = (f"{op}: argument 'logits' must be finite (got inf or NaN): a ±inf logit makes the pair "
-                   "difference NaN; pin an allocation with a large finite logit instead")
-        if _checks.host_check_is_free(logits):
-            if not bool(torch.isfinite(logits).all()):
-                raise ValueError(message)
-        else:       # on the device, no sync (see _checks.values_in_range)
-            torch._assert_async(torch.isfinite(logits).all(), message)
+        raise bad_tau(repr(tau))
+
+
+def _validate_values(op: str, logits: torch.Tensor, backend: str) -> None:
+    """Every logit finite. Not here for the cpu backend, whose kernels check while they read the
+    logits (the same error, without a pass of its own: at Gumbel-Matrix sizes this check cost as
+    much as the sample)."""
+    if backend == "cpu" or not logits.numel():
+        return
+    if _checks.host_check_is_free(logits):
+        if not bool(torch.isfinite(logits).all()):
+            raise nonfinite_logits_error(op)
+    else:       # on the device, no sync (see _checks.values_in_range)
+        torch._assert_async(torch.isfinite(logits).all(), str(nonfinite_logits_error(op)))
 
 
 def _validate_combine(outputs: object, z: object) -> None:
@@ -236,10 +272,9 @@ GUMBEL_SOFTMAX = OpDefinition(
 
 ALLOCATION_COMBINE = OpDefinition(
     "allocation_combine", "(Tensor outputs, Tensor z)", reference=allocation_combine_reference,
-    adapters={"triton": _ADAPTERS["triton"]}, dtypes=_DTYPES, forward=_combine_forward, backward=_combine_backward,
+    adapters=_ADAPTERS, dtypes=_DTYPES, forward=_combine_forward, backward=_combine_backward,
     num_outputs=1, fake=lambda args: ((args[0].new_empty(args[0].shape[1:]),), ()),
-    no_kernel={"cuda": _NO_CUDA.format("allocation_combine"),
-               "cpu": "no CPU kernel for allocation_combine: torch's ops (the reference) are the CPU path"})
+    no_kernel={"cuda": _NO_CUDA.format("allocation_combine")})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +284,9 @@ ALLOCATION_COMBINE = OpDefinition(
 def _sample(logits: torch.Tensor, tau: Tau, hard: bool, generator: Optional[torch.Generator], pairs: bool,
             op: str) -> torch.Tensor:
     _validate(op, logits, tau, pairs)
-    seed = _seed_tensor(generator)
     backend = GUMBEL_SIGMOID.select(logits)
+    _validate_values(op, logits, backend)
+    seed = _seed_tensor(generator)
     compiling = torch.compiler.is_compiling()
     if compiling and backend == "reference":
         raise backends.BackendUnavailableError(f"{op}: the reference backend does not run under torch.compile "
@@ -315,8 +351,9 @@ def gumbel_softmax(logits: torch.Tensor, tau: Tau = 1.0, hard: bool = False, dim
             raise ValueError(f"gumbel_softmax: argument 'logits' has no category along dim {dim} (shape "
                              f"{tuple(logits.shape)}): a hard sample needs at least one")
         return logits * 0       # empty, and still part of the graph
-    seed = _seed_tensor(generator)
     backend = GUMBEL_SOFTMAX.select(logits)
+    _validate_values("gumbel_softmax", logits, backend)
+    seed = _seed_tensor(generator)
     if backend == "reference" or not logits.numel():
         return gumbel_softmax_reference(logits, tau, hard, dim, int(seed))
     moved = logits.movedim(dim, -1)

@@ -1,14 +1,19 @@
-"""CPU kernels of the Gumbel ops (csrc/cpu/gumbel.cpp): the same interface as the Triton launchers
-of mtlfast/triton_kernels/gumbel.py and the same Philox noise, bit for bit. Sigmoid samples (and
-complementary pairs) are one native pass each way with the noise recomputed in backward; the
-softmax draws its noise natively and does the rest with torch ops (rows of a handful of
-components: the noise is the expensive part). float32 and float64."""
+"""CPU kernels of the Gumbel ops (csrc/cpu/gumbel.cpp, csrc/cpu/combine.cpp): the same interface as
+the Triton launchers of mtlfast/triton_kernels/gumbel.py and the same Philox noise, bit for bit.
+Every op is one native pass each way (sigmoid samples, complementary pairs and softmax rows, the
+noise recomputed in backward; the allocation-weighted combine). float32 and float64.
+
+The sampling kernels also check that every logit is finite while they read them (the op's value
+validation, see mtlfast/ops/gumbel.py): a forward that finds inf or NaN raises the op's own error.
+"""
 from __future__ import annotations
+
+from typing import Tuple
 
 import torch
 
 from mtlfast._native import capsule as _cap, lib, threads as _threads
-from mtlfast.ops.common import accumulation_dtype
+from mtlfast.ops.gumbel import nonfinite_logits_error
 
 
 def _sigmoid_forward(logits: torch.Tensor, tau: torch.Tensor, seed: int, hard: bool, pairs: bool) -> torch.Tensor:
@@ -16,12 +21,12 @@ def _sigmoid_forward(logits: torch.Tensor, tau: torch.Tensor, seed: int, hard: b
     z's shape). tau at full precision: a float64 tau stays float64 up to the kernel."""
     x = logits.contiguous()
     z = x.new_empty(x.shape[:-1] if pairs else x.shape)
-    lib().gumbel_sigmoid_forward(_cap(x), float(tau), seed, hard, _cap(z), _threads())
+    if not lib().gumbel_sigmoid_forward(_cap(x), float(tau), seed, hard, _cap(z), _threads()):
+        raise nonfinite_logits_error("gumbel_pairs" if pairs else "gumbel_sigmoid")
     return z
 
 
-def _sigmoid_backward(grad: torch.Tensor, logits: torch.Tensor, tau: torch.Tensor, seed: int,
-                      pairs: bool) -> torch.Tensor:
+def _sigmoid_backward(grad: torch.Tensor, logits: torch.Tensor, tau: torch.Tensor, seed: int) -> torch.Tensor:
     x = logits.contiguous()
     grad = grad.to(x.dtype).contiguous()
     dx = torch.empty_like(x)
@@ -33,42 +38,46 @@ def gumbel_sigmoid_forward(logits, tau, seed, hard):
     return _sigmoid_forward(logits, tau, seed, hard, pairs=False)
 
 
-def gumbel_sigmoid_backward(grad, logits, tau, seed):
-    return _sigmoid_backward(grad, logits, tau, seed, pairs=False)
-
-
 def gumbel_pairs_forward(logits, tau, seed, hard):
     return _sigmoid_forward(logits, tau, seed, hard, pairs=True)
 
 
-def gumbel_pairs_backward(grad, logits, tau, seed):
-    return _sigmoid_backward(grad, logits, tau, seed, pairs=True)
-
-
-def uniform(seed: int, n: int) -> torch.Tensor:
-    """u (n,) float32 of the Philox stream (seed, 0 .. n-1)."""
-    u = torch.empty(n, dtype=torch.float32)
-    lib().philox_uniform(seed, 0, _cap(u), _threads())
-    return u
-
-
-def _soft(logits: torch.Tensor, tau: torch.Tensor, seed: int) -> torch.Tensor:
-    """softmax((x + g) / tau) over the last dim of (R, C), in the accumulation dtype."""
-    acc = accumulation_dtype(logits.dtype)
-    g = -torch.log(-torch.log(uniform(seed, logits.numel()))).view(logits.shape)
-    v = logits.to(acc) + g.to(acc)
-    # the max is subtracted before dividing: (v - max) / tau cannot overflow for any tau > 0
-    return torch.softmax((v - v.amax(-1, keepdim=True)) / tau.to(acc), dim=-1)
+# the pairing is read from the shapes of grad and logits
+gumbel_sigmoid_backward = gumbel_pairs_backward = _sigmoid_backward
 
 
 def gumbel_softmax_forward(logits: torch.Tensor, tau: torch.Tensor, seed: int, hard: bool) -> torch.Tensor:
-    soft = _soft(logits, tau, seed)
-    if hard:
-        soft = torch.zeros_like(soft).scatter_(-1, soft.argmax(-1, keepdim=True), 1.0)
-    return soft.to(logits.dtype)
+    """logits (R, C) -> one sample per row, (R, C): softmax((logits + g) / tau), or its one-hot."""
+    x = logits.contiguous()
+    y = torch.empty_like(x)
+    if not lib().gumbel_softmax_forward(_cap(x), float(tau), seed, hard, _cap(y), _threads()):
+        raise nonfinite_logits_error("gumbel_softmax")
+    return y
 
 
 def gumbel_softmax_backward(grad: torch.Tensor, logits: torch.Tensor, tau: torch.Tensor, seed: int) -> torch.Tensor:
-    soft = _soft(logits, tau, seed)
-    grad = grad.to(soft.dtype)
-    return (soft * (grad - (grad * soft).sum(-1, keepdim=True)) / tau.to(soft.dtype)).to(logits.dtype)
+    x = logits.contiguous()
+    grad = grad.to(x.dtype).contiguous()
+    dx = torch.empty_like(x)
+    lib().gumbel_softmax_backward(_cap(grad), _cap(x), float(tau), seed, _cap(dx), _threads())
+    return dx
+
+
+def allocation_combine_forward(outputs: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """outputs (C, N), z (C,) -> (N,) in outputs' dtype (z taken in it too: the kernel reads one)."""
+    outputs = outputs.contiguous()
+    z = z.to(outputs.dtype).contiguous()
+    out = outputs.new_empty(outputs.shape[1:])
+    lib().allocation_combine_forward(_cap(outputs), _cap(z), _cap(out), _threads())
+    return out
+
+
+def allocation_combine_backward(grad: torch.Tensor, outputs: torch.Tensor,
+                                z: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(d outputs (C, N), d z (C,)) from grad (N,), one pass over outputs."""
+    outputs = outputs.contiguous()
+    zc = z.to(outputs.dtype).contiguous()
+    grad = grad.to(outputs.dtype).contiguous()
+    doutputs, dz = torch.empty_like(outputs), torch.empty_like(zc)
+    lib().allocation_combine_backward(_cap(grad), _cap(outputs), _cap(zc), _cap(doutputs), _cap(dz), _threads())
+    return doutputs, dz
