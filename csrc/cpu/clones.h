@@ -5,6 +5,10 @@
 
 #if defined(__x86_64__)
 #define MTLFAST_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+// One function compiled for AVX-512 (x86-64-v4), for kernels that pick it at run time by the CPU
+// (a different vector width changes their data layout, so they are templates on the width, not
+// clones of one body).
+#define MTLFAST_AVX512 __attribute__((target("arch=x86-64-v4")))
 #else
 #define MTLFAST_CLONES
 #endif
