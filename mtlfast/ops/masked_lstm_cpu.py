@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from mtlfast._native import capsule as _cap, lib, threads as _threads
-from mtlfast.ops.common import accumulation_dtype
+from mtlfast.ops.common import accumulation_dtype, is_identity_index
 
 
 class Weights(NamedTuple):
@@ -42,6 +42,8 @@ def prepare(weight: torch.Tensor, weight_index: torch.Tensor, masks: Optional[to
     w = weight.to(accumulation_dtype(weight.dtype)).contiguous()
     masks = masks.contiguous() if masks is not None else None
     weight_index, mask_index = weight_index.contiguous(), mask_index.contiguous()
+    if masks is None and is_identity_index(weight_index, w.shape[0]):  # one unmasked set per group: w itself
+        return Weights(w, None, mask_index)
     out = w.new_empty((weight_index.shape[0], *w.shape[1:]))
     return Weights(_mask_select(w, weight_index, masks, mask_index, out), masks, mask_index)
 
