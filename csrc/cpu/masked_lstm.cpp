@@ -233,8 +233,8 @@ MTLFAST_INLINE void forward_block(const ForwardArgs<T>& a, int64_t s, int64_t g,
   }
 }
 
-template <typename T, int W>
-MTLFAST_INLINE void forward_steps(const ForwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
+template <int W, typename T>
+MTLFAST_INLINE void steps(const ForwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
   const int64_t items = a.G * a.blocks;
   int64_t begin, end;
   split(items, t, threads, &begin, &end);
@@ -245,18 +245,6 @@ MTLFAST_INLINE void forward_steps(const ForwardArgs<T>& a, int t, int threads, S
     barrier.wait();
   }
 }
-
-template <typename T>
-MTLFAST_CLONES void forward_thread(const ForwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
-  forward_steps<T, 32>(a, t, threads, barrier);
-}
-
-#ifdef MTLFAST_AVX512
-template <typename T>
-MTLFAST_AVX512 void forward_thread_avx512(const ForwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
-  forward_steps<T, 64>(a, t, threads, barrier);
-}
-#endif
 
 // ---------------------------------------------------------------------------------------------
 // Backward
@@ -356,8 +344,8 @@ MTLFAST_INLINE void backward_block(const BackwardArgs<T>& a, int64_t s, int64_t 
   }
 }
 
-template <typename T, int W>
-MTLFAST_INLINE void backward_steps(const BackwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
+template <int W, typename T>
+MTLFAST_INLINE void steps(const BackwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
   const int64_t blocks = a.G * a.blocks, rows = a.G * a.B;
   int64_t block_begin, block_end, row_begin, row_end;
   split(blocks, t, threads, &block_begin, &block_end);
@@ -371,15 +359,17 @@ MTLFAST_INLINE void backward_steps(const BackwardArgs<T>& a, int t, int threads,
   }
 }
 
-template <typename T>
-MTLFAST_CLONES void backward_thread(const BackwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
-  backward_steps<T, 32>(a, t, threads, barrier);
+// A team member's share of a recurrence (ForwardArgs or BackwardArgs) at either width: the
+// 32-byte body as AVX2 and baseline clones, the 64-byte one built for AVX-512.
+template <typename Args>
+MTLFAST_CLONES void steps_avx2(const Args& a, int t, int threads, SpinBarrier& barrier) {
+  steps<32>(a, t, threads, barrier);
 }
 
 #ifdef MTLFAST_AVX512
-template <typename T>
-MTLFAST_AVX512 void backward_thread_avx512(const BackwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
-  backward_steps<T, 64>(a, t, threads, barrier);
+template <typename Args>
+MTLFAST_AVX512 void steps_avx512(const Args& a, int t, int threads, SpinBarrier& barrier) {
+  steps<64>(a, t, threads, barrier);
 }
 #endif
 
@@ -400,6 +390,16 @@ int vector_bytes() {
 #else
   return 32;
 #endif
+}
+
+template <typename Args>
+void run_steps(const Args& a, int team, int wide) {
+  run_team(team, [&](int t, int n, SpinBarrier& barrier) {
+#ifdef MTLFAST_AVX512
+    if (wide == 64) return steps_avx512(a, t, n, barrier);
+#endif
+    steps_avx2(a, t, n, barrier);
+  });
 }
 
 // Never more threads than work items, and at least one.
@@ -449,12 +449,7 @@ void lstm_forward(int64_t G, int64_t T_, int64_t B, int64_t H, const T* xproj, c
   ForwardArgs<T> a{G, T_, B, H, xproj, w, lengths, reverse, hs, gates, cells, h_prev, c_n, {h_even, h_odd},
                    panels.data, blocks};
   const int team = team_size(threads, G * blocks);
-  run_team(team, [&](int t, int n, SpinBarrier& barrier) {
-#ifdef MTLFAST_AVX512
-    if (wide == 64) return forward_thread_avx512(a, t, n, barrier);
-#endif
-    forward_thread(a, t, n, barrier);
-  });
+  run_steps(a, team, wide);
 }
 
 template <typename T>
@@ -481,12 +476,7 @@ void lstm_backward(int64_t G, int64_t T_, int64_t B, int64_t H, const T* dhs, co
                     {dh_parity[0], dh_parity[1]},
                     panels.data, w, blocks};
   const int team = team_size(threads, std::min(G * blocks, G * B));
-  run_team(team, [&](int t, int n, SpinBarrier& barrier) {
-#ifdef MTLFAST_AVX512
-    if (wide == 64) return backward_thread_avx512(a, t, n, barrier);
-#endif
-    backward_thread(a, t, n, barrier);
-  });
+  run_steps(a, team, wide);
 }
 
 template <typename T>
