@@ -5,8 +5,9 @@
 // Why a hand-written GEMM: the recurrent matmul of a step has B rows (10 in the papers' taggers)
 // against a (H, 4H) weight. BLAS packs the weight on every call and reaches about half of the
 // FMA peak at such shapes; here each group's weight is packed once per call into column panels,
-// a tile of up to 6 rows x 2 vectors keeps 12 accumulators in registers, and the cell runs on the
-// tile while it is still in L1, so the pre-activations never go back to memory.
+// a tile of up to 6 rows x 2 vectors (8 rows with AVX-512) keeps its accumulators in registers,
+// and the cell runs on the tile while it is still in L1, so the pre-activations never go back to
+// memory.
 #include "cpu/masked_lstm.h"
 
 #include <algorithm>
