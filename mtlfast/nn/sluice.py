@@ -258,7 +258,8 @@ class SluiceLSTM(nn.Module):
         for k in range(self.num_layers):
             params = [self._stacked(k, kind) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
             # one copy: layer_in (M, T, B, ...) may be a permuted view; both directions read it
-            xg = layer_in.unsqueeze(1).expand(M, D, *layer_in.shape[1:]).reshape(G, T, B, -1)
+            features = layer_in.shape[3:].numel()                              # explicit: -1 is ambiguous at B = 0
+            xg = layer_in.unsqueeze(1).expand(M, D, *layer_in.shape[1:]).reshape(G, T, B, features)
             y, _, _ = run_layer(xg, zeros, zeros, *params, weight_index, None, None, mask_index, group_lengths,
                                 reverse)                                       # (G, T, B, H)
             mixed = self.mixers[k](y.view(M, D, T, B, H))                       # (M, D, T, B, H)
