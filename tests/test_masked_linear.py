@@ -76,12 +76,12 @@ print(worst)
 @pytest.mark.skipif(not torch.backends.cpu.get_cpu_capability().startswith("AVX512"),
                     reason="the CPU has no AVX-512: the portable loops are what every other test runs")
 def test_cpu_portable_loops_on_an_avx512_machine():
-    """MTLFAST_NO_AVX512=1 runs the loops that CPUs without AVX-512 run (AVX2 clone): the same
+    """MTLFAST_CPU_VECTOR_BITS=256 runs the loops that CPUs without AVX-512 run (AVX2 clone): the same
     numbers within the tolerances as the reference, on the direct (few-rows) path."""
     import os
     import subprocess
     import sys
-    env = {**os.environ, "MTLFAST_NO_AVX512": "1"}
+    env = {**os.environ, "MTLFAST_CPU_VECTOR_BITS": "256"}
     out = subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT], env=env, capture_output=True, text=True,
                          timeout=120)
     assert out.returncode == 0, out.stderr

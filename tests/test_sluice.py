@@ -274,3 +274,67 @@ def test_model_penalty_alphas_betas_and_gradients():
     (out.square().mean() + penalty).backward()
     assert all(p.grad is not None for p in model.parameters())
     assert len(model.alphas()) == 2 and model.betas().shape == (2, 2)
+
+
+def _sluice_oracle(model: mnn.SluiceLSTM, x: torch.Tensor, lengths) -> torch.Tensor:
+    """SluiceLSTM written out with every layer's own torch.nn.LSTM forward (packed when lengths are
+    given), alpha_mix_reference per direction and the layer mixture by its definition: the same
+    parameters, so gradients compare too. x per task (M, B, L, I) batch_first -> (M, B, L, D_out)."""
+    M, D, H, K = model.num_tasks, model.num_directions, model.hidden_size, model.num_layers
+    B, L = x.shape[1], x.shape[2]
+    layer_in, layers = list(x.unbind(0)), []
+    for k in range(K):
+        outs = []
+        for t in range(M):
+            lstm = model.lstms[t][k]
+            lstm.batch_first = True      # the module's own nn.LSTM, read batch-first here
+            try:
+                if lengths is None:
+                    out, _ = lstm(layer_in[t])
+                else:
+                    packed = torch.nn.utils.rnn.pack_padded_sequence(layer_in[t], lengths, batch_first=True,
+                                                                     enforce_sorted=False)
+                    out, _ = torch.nn.utils.rnn.pad_packed_sequence(lstm(packed)[0], batch_first=True,
+                                                                    total_length=L)
+            finally:
+                lstm.batch_first = False
+            outs.append(out.view(B, L, D, H))
+        mixed = alpha_mix_reference(torch.stack(outs), model.mixers[k].alpha, model.num_subspaces)
+        layer_in = list(mixed.reshape(M, B, L, D * H).unbind(0))
+        layers.append(mixed.reshape(M, B, L, D * H))
+    mode = model.layer_mixture.mode
+    if mode == "stitch":
+        return layer_mix_reference(torch.stack(layers), model.layer_mixture.beta)
+    if mode == "concat":
+        return torch.cat(layers, dim=-1)
+    return sum(layers) if mode == "skip" else layers[-1]
+
+
+@pytest.mark.parametrize("layer_mix", ("stitch", "concat", "skip", "last"))
+@pytest.mark.parametrize("batch_first", (True, False), ids=("batch_first", "time_first"))
+@pytest.mark.parametrize("bidirectional", (True, False), ids=("bi", "uni"))
+def test_sluice_lstm_matches_its_definition_with_every_gradient(layer_mix, batch_first, bidirectional):
+    """The module's grouped layout (layers kept as (M, D, T, B, H), α mixed in place) against the
+    network written out layer by layer: outputs and the gradients of x and of every parameter, with
+    lengths (padding), odd sizes (H = 6 in 3 subspaces, batch 3, length 5) and a shared input."""
+    torch.manual_seed(0)
+    model = mnn.SluiceLSTM(5, 6, 2, num_layers=3, num_subspaces=3, bidirectional=bidirectional,
+                           batch_first=batch_first, layer_mix=layer_mix).to(device=DEVICE, dtype=torch.float64)
+    with torch.no_grad():
+        for mixer in model.mixers:
+            mixer.alpha.add_(0.1 * torch.randn_like(mixer.alpha))
+        if model.layer_mixture.beta is not None:
+            model.layer_mixture.beta.add_(0.1 * torch.randn_like(model.layer_mixture.beta))
+    x = torch.randn(3, 5, 5, dtype=torch.float64, device=DEVICE, requires_grad=True)     # shared (B, L, I)
+    lengths = torch.tensor([5, 2, 4])
+    params = [x, *model.parameters()]
+    out = model(x if batch_first else x.transpose(0, 1), lengths)
+    out = out if batch_first else out.transpose(1, 2)
+    want = _sluice_oracle(model, x.unsqueeze(0).expand(2, *x.shape), lengths)
+    assert_close(out, want, torch.float64, "output")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, params, grad)
+    expected = torch.autograd.grad(want, params, grad)
+    names = ["x"] + [name for name, _ in model.named_parameters()]
+    for name, g, w in zip(names, got, expected):
+        assert_close(g, w, torch.float64, f"gradient of {name}")

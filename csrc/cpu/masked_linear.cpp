@@ -9,7 +9,6 @@
 #include "cpu/masked_linear.h"
 
 #include <algorithm>
-#include <cstdlib>
 #include <cstring>
 #include <type_traits>
 
@@ -236,21 +235,10 @@ MTLFAST_CLONES void grad_weight_range(int64_t n0, int64_t n1, int64_t M, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------
-// float32 on AVX-512 (explicit dispatch: its tiles differ from the portable ones, which a
-// target_clones clone could not express).
+// float32 on AVX-512 (explicit dispatch by clones.h's vector_bytes: its tiles differ from the
+// portable ones, which a target_clones clone could not express).
 
-#if defined(__x86_64__)
-#define MTLFAST_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,fma")))
-
-// MTLFAST_NO_AVX512=1 (read once) runs the portable loops instead, so that the tests cover them on
-// an AVX-512 machine too.
-bool have_avx512() {
-  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-                          std::getenv("MTLFAST_NO_AVX512") == nullptr;
-  return yes;
-}
-
+#ifdef MTLFAST_AVX512
 // The lanes of [k, k + 16) below K.
 MTLFAST_AVX512 MTLFAST_INLINE __mmask16 lanes_below(int64_t k, int64_t K) {
   return K - k >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (K - k)) - 1);
@@ -446,14 +434,13 @@ MTLFAST_AVX512 void grad_weight_range_avx512(int64_t n0, int64_t n1, int64_t M, 
     }
   }
 }
-#else
-bool have_avx512() { return false; }
 #endif
 
-// The AVX-512 tiles for float32 where the CPU has them, else the portable loops.
+// The AVX-512 tiles for float32 where the CPU has them (clones.h: vector_bytes), else the portable
+// loops.
 template <typename T>
 bool use_avx512() {
-  return std::is_same<T, float>::value && have_avx512();
+  return std::is_same<T, float>::value && vector_bytes() == 64;
 }
 
 // A second thread pays for itself above about 64K multiply-adds (measured on 2 cores: the team's
@@ -470,7 +457,7 @@ void masked_linear_direct_forward(int64_t M, int64_t N, int64_t K, const T* x, c
   run_team(team_for(threads, M * N * K, N), [&](int t, int n, SpinBarrier&) {
     int64_t begin, end;
     split(N, t, n, &begin, &end);
-#if defined(__x86_64__)
+#ifdef MTLFAST_AVX512
     if constexpr (std::is_same<T, float>::value) {
       if (use_avx512<T>()) return forward_range_avx512(begin, end, M, N, K, x, w, mask, bias, y);
     }
@@ -490,7 +477,7 @@ void masked_linear_direct_grad_input(int64_t M, int64_t N, int64_t K, const T* d
     int64_t begin, end;
     split(strips, t, n, &begin, &end);
     const int64_t c0 = begin * width, c1 = t == n - 1 ? K : end * width;
-#if defined(__x86_64__)
+#ifdef MTLFAST_AVX512
     if constexpr (std::is_same<T, float>::value) {
       if (wide) return grad_input_range_avx512(c0, c1, M, N, K, dy, w, mask, dx);
     }
@@ -505,7 +492,7 @@ void masked_linear_direct_grad_weight(int64_t M, int64_t N, int64_t K, const T* 
   run_team(team_for(threads, M * N * K, N), [&](int t, int n, SpinBarrier&) {
     int64_t begin, end;
     split(N, t, n, &begin, &end);
-#if defined(__x86_64__)
+#ifdef MTLFAST_AVX512
     if constexpr (std::is_same<T, float>::value) {
       if (use_avx512<T>()) return grad_weight_range_avx512(begin, end, M, N, K, dy, x, mask, dw, dbias);
     }

@@ -5,8 +5,9 @@
 // Why a hand-written GEMM: the recurrent matmul of a step has B rows (10 in the papers' taggers)
 // against a (H, 4H) weight. BLAS packs the weight on every call and reaches about half of the
 // FMA peak at such shapes; here each group's weight is packed once per call into column panels,
-// a tile of up to 6 rows x 2 vectors keeps 12 accumulators in registers, and the cell runs on the
-// tile while it is still in L1, so the pre-activations never go back to memory.
+// a tile of up to 6 rows x 2 vectors (8 rows with AVX-512) keeps its accumulators in registers,
+// and the cell runs on the tile while it is still in L1, so the pre-activations never go back to
+// memory.
 #include "cpu/masked_lstm.h"
 
 #include <algorithm>
@@ -26,13 +27,20 @@ namespace {
 
 #define MTLFAST_INLINE inline __attribute__((always_inline))
 
-template <typename T>
+// The recurrences are templates on the vector width W in bytes: 32 (AVX2, and the baseline clone)
+// or 64 (AVX-512, chosen at run time where the CPU has it: twice the FMA width, and 32 registers
+// for a taller tile). The cell's sigmoid and tanh stay 256-bit (vector_math.h); the tile is where
+// the time goes.
+template <typename T, int W>
 struct Vec {
-  typedef T type __attribute__((vector_size(32)));
+  typedef T type __attribute__((vector_size(W)));
 };
-template <typename T>
-constexpr int kLanes = 32 / sizeof(T);  // elements per 256-bit vector: 8 floats, 4 doubles
-constexpr int kMaxRows = 6;             // 6 rows x 2 vectors = 12 accumulators of 16 registers
+template <typename T, int W>
+constexpr int kLanes = W / static_cast<int>(sizeof(T));  // per vector: 8 floats, 4 doubles at W = 32
+// Rows of a tile: 6 rows x 2 vectors = 12 accumulators of AVX2's 16 registers; AVX-512 has 32,
+// so 8 rows (B = 32 rows split in 4 full tiles).
+template <int W>
+constexpr int kMaxRows = W == 64 ? 8 : 6;
 
 // Panels are read with aligned vector loads.
 template <typename T>
@@ -49,10 +57,10 @@ struct AlignedBuffer {
 };
 
 // out (R, 2L) with row stride ldo = a (R rows of K, row stride lda) @ panel (K, 2L), panel aligned.
-template <typename T, int R>
+template <typename T, int W, int R>
 MTLFAST_INLINE void tile(int64_t K, const T* a, int64_t lda, const T* panel, T* out, int64_t ldo) {
-  using V = typename Vec<T>::type;
-  constexpr int L = kLanes<T>;
+  using V = typename Vec<T, W>::type;
+  constexpr int L = kLanes<T, W>;
   V acc0[R], acc1[R];
 #pragma GCC unroll 8
   for (int r = 0; r < R; ++r) acc0[r] = acc1[r] = V{};
@@ -73,15 +81,18 @@ MTLFAST_INLINE void tile(int64_t K, const T* a, int64_t lda, const T* panel, T* 
   }
 }
 
-template <typename T>
+template <typename T, int W>
 MTLFAST_INLINE void tile_rows(int rows, int64_t K, const T* a, int64_t lda, const T* panel, T* out, int64_t ldo) {
+  static_assert(kMaxRows<W> <= 8, "tile_rows dispatches up to 8 rows");
   switch (rows) {
-    case 6: tile<T, 6>(K, a, lda, panel, out, ldo); break;
-    case 5: tile<T, 5>(K, a, lda, panel, out, ldo); break;
-    case 4: tile<T, 4>(K, a, lda, panel, out, ldo); break;
-    case 3: tile<T, 3>(K, a, lda, panel, out, ldo); break;
-    case 2: tile<T, 2>(K, a, lda, panel, out, ldo); break;
-    default: tile<T, 1>(K, a, lda, panel, out, ldo); break;
+    case 8: tile<T, W, (kMaxRows<W> >= 8 ? 8 : 1)>(K, a, lda, panel, out, ldo); break;
+    case 7: tile<T, W, (kMaxRows<W> >= 7 ? 7 : 1)>(K, a, lda, panel, out, ldo); break;
+    case 6: tile<T, W, 6>(K, a, lda, panel, out, ldo); break;
+    case 5: tile<T, W, 5>(K, a, lda, panel, out, ldo); break;
+    case 4: tile<T, W, 4>(K, a, lda, panel, out, ldo); break;
+    case 3: tile<T, W, 3>(K, a, lda, panel, out, ldo); break;
+    case 2: tile<T, W, 2>(K, a, lda, panel, out, ldo); break;
+    default: tile<T, W, 1>(K, a, lda, panel, out, ldo); break;
   }
 }
 
@@ -130,9 +141,9 @@ struct ForwardArgs {
 
 // Panel (g, jb, half)[k][c] = W[g][q*H + u][k] with gate q = 2*half + c / L, unit u = jb*L + c % L
 // (0 past H): the two halves of a block hold the i, f and the g, o columns of the same L units.
-template <typename T>
+template <typename T, int W>
 MTLFAST_INLINE void pack_forward_block(const ForwardArgs<T>& a, int64_t g, int64_t jb) {
-  constexpr int L = kLanes<T>;
+  constexpr int L = kLanes<T, W>;
   const int64_t H = a.H;
   for (int half = 0; half < 2; ++half) {
     T* panel = a.panels + ((g * a.blocks + jb) * 2 + half) * H * 2 * L;
@@ -146,22 +157,23 @@ MTLFAST_INLINE void pack_forward_block(const ForwardArgs<T>& a, int64_t g, int64
 
 // One (group, unit block) of step s: the tile's pre-activations, the gates and the cell for
 // every row, written straight from L1.
-template <typename T>
+template <typename T, int W>
 MTLFAST_INLINE void forward_block(const ForwardArgs<T>& a, int64_t s, int64_t g, int64_t jb) {
-  constexpr int L = kLanes<T>;
+  constexpr int L = kLanes<T, W>;
+  constexpr int kRows = kMaxRows<W>;
   const int64_t H = a.H, B = a.B;
   const int64_t u0 = jb * L;
   const int units = static_cast<int>(std::min<int64_t>(L, H - u0));
   const T* h_in = a.h[s % 2];
   T* h_out = a.h[(s + 1) % 2];
   const T* panel = a.panels + (g * a.blocks + jb) * 2 * H * 2 * L;
-  alignas(64) T pre[kMaxRows][4 * L];
-  alignas(64) T cnew[kMaxRows][L];
-  alignas(64) T hnew[kMaxRows][L];
-  for (int64_t b0 = 0; b0 < B; b0 += kMaxRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, B - b0));
+  alignas(64) T pre[kRows][4 * L];
+  alignas(64) T cnew[kRows][L];
+  alignas(64) T hnew[kRows][L];
+  for (int64_t b0 = 0; b0 < B; b0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, B - b0));
     const T* h_rows = h_in + (g * B + b0) * H;
-    int64_t at[kMaxRows];  // each row's (g, t, b) slot: rows of a reverse group differ in t
+    int64_t at[kRows];  // each row's (g, t, b) slot: rows of a reverse group differ in t
     for (int r = 0; r < rows; ++r) {
       const int64_t row = g * B + b0 + r;
       at[r] = (g * a.T_ + time_of(s, a.lengths[row], a.reverse[g])) * B + b0 + r;
@@ -169,8 +181,8 @@ MTLFAST_INLINE void forward_block(const ForwardArgs<T>& a, int64_t s, int64_t g,
       // follows, and from L3 (it is megabytes). Asked for now, it arrives while the tile runs.
       for (int q = 0; q < 4; ++q) __builtin_prefetch(a.xproj + at[r] * 4 * H + q * H + u0);
     }
-    tile_rows<T>(rows, H, h_rows, H, panel, &pre[0][0], 4 * L);
-    tile_rows<T>(rows, H, h_rows, H, panel + H * 2 * L, &pre[0][2 * L], 4 * L);
+    tile_rows<T, W>(rows, H, h_rows, H, panel, &pre[0][0], 4 * L);
+    tile_rows<T, W>(rows, H, h_rows, H, panel + H * 2 * L, &pre[0][2 * L], 4 * L);
     for (int r = 0; r < rows; ++r) {
       const T* xp = a.xproj + at[r] * 4 * H;
       for (int q = 0; q < 4; ++q) {
@@ -222,15 +234,15 @@ MTLFAST_INLINE void forward_block(const ForwardArgs<T>& a, int64_t s, int64_t g,
   }
 }
 
-template <typename T>
-MTLFAST_CLONES void forward_thread(const ForwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
+template <int W, typename T>
+MTLFAST_INLINE void steps(const ForwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
   const int64_t items = a.G * a.blocks;
   int64_t begin, end;
   split(items, t, threads, &begin, &end);
-  for (int64_t item = begin; item < end; ++item) pack_forward_block(a, item / a.blocks, item % a.blocks);
+  for (int64_t item = begin; item < end; ++item) pack_forward_block<T, W>(a, item / a.blocks, item % a.blocks);
   barrier.wait();
   for (int64_t s = 0; s < a.T_; ++s) {
-    for (int64_t item = begin; item < end; ++item) forward_block(a, s, item / a.blocks, item % a.blocks);
+    for (int64_t item = begin; item < end; ++item) forward_block<T, W>(a, s, item / a.blocks, item % a.blocks);
     barrier.wait();
   }
 }
@@ -252,9 +264,9 @@ struct BackwardArgs {
   int64_t blocks;  // ceil(H / 2L)
 };
 
-template <typename T>
+template <typename T, int W>
 MTLFAST_INLINE void pack_backward_block(const BackwardArgs<T>& a, int64_t g, int64_t cb) {
-  constexpr int L = kLanes<T>;
+  constexpr int L = kLanes<T, W>;
   const int64_t H = a.H;
   T* panel = a.panels + (g * a.blocks + cb) * 4 * H * 2 * L;
   const int64_t u0 = cb * 2 * L;
@@ -311,19 +323,20 @@ MTLFAST_INLINE void backward_cell(const BackwardArgs<T>& a, int64_t s, int64_t r
 
 // dh entering step s-1 for one (group, block of 2L units): dgates[:, s] @ W; rows inactive at s
 // carry dh through unchanged.
-template <typename T>
+template <typename T, int W>
 MTLFAST_INLINE void backward_block(const BackwardArgs<T>& a, int64_t s, int64_t g, int64_t cb) {
-  constexpr int L = kLanes<T>;
+  constexpr int L = kLanes<T, W>;
+  constexpr int kRows = kMaxRows<W>;
   const int64_t H = a.H, B = a.B;
   const int64_t u0 = cb * 2 * L;
   const int units = static_cast<int>(std::min<int64_t>(2 * L, H - u0));
   const T* dh_in = a.dh[s % 2];
   T* dh_out = a.dh[(s + 1) % 2];
   const T* panel = a.panels + (g * a.blocks + cb) * 4 * H * 2 * L;
-  alignas(64) T out[kMaxRows][2 * L];
-  for (int64_t b0 = 0; b0 < B; b0 += kMaxRows) {
-    const int rows = static_cast<int>(std::min<int64_t>(kMaxRows, B - b0));
-    tile_rows<T>(rows, 4 * H, a.step_dgates + (g * B + b0) * 4 * H, 4 * H, panel, &out[0][0], 2 * L);
+  alignas(64) T out[kRows][2 * L];
+  for (int64_t b0 = 0; b0 < B; b0 += kRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kRows, B - b0));
+    tile_rows<T, W>(rows, 4 * H, a.step_dgates + (g * B + b0) * 4 * H, 4 * H, panel, &out[0][0], 2 * L);
     for (int r = 0; r < rows; ++r) {
       const int64_t row = g * B + b0 + r;
       const T* src = s < a.lengths[row] ? &out[r][0] : dh_in + row * H + u0;
@@ -332,19 +345,43 @@ MTLFAST_INLINE void backward_block(const BackwardArgs<T>& a, int64_t s, int64_t 
   }
 }
 
-template <typename T>
-MTLFAST_CLONES void backward_thread(const BackwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
+template <int W, typename T>
+MTLFAST_INLINE void steps(const BackwardArgs<T>& a, int t, int threads, SpinBarrier& barrier) {
   const int64_t blocks = a.G * a.blocks, rows = a.G * a.B;
   int64_t block_begin, block_end, row_begin, row_end;
   split(blocks, t, threads, &block_begin, &block_end);
   split(rows, t, threads, &row_begin, &row_end);
-  for (int64_t item = block_begin; item < block_end; ++item) pack_backward_block(a, item / a.blocks, item % a.blocks);
+  for (int64_t item = block_begin; item < block_end; ++item) pack_backward_block<T, W>(a, item / a.blocks, item % a.blocks);
   for (int64_t s = a.T_ - 1; s >= 0; --s) {
     for (int64_t row = row_begin; row < row_end; ++row) backward_cell(a, s, row);
     barrier.wait();  // every dgates[:, s] row (and, the first time, every panel) is written
-    for (int64_t item = block_begin; item < block_end; ++item) backward_block(a, s, item / a.blocks, item % a.blocks);
+    for (int64_t item = block_begin; item < block_end; ++item) backward_block<T, W>(a, s, item / a.blocks, item % a.blocks);
     barrier.wait();  // every dh row of step s-1 is written
   }
+}
+
+// A team member's share of a recurrence (ForwardArgs or BackwardArgs) at either width: the
+// 32-byte body as AVX2 and baseline clones, the 64-byte one built for AVX-512.
+template <typename Args>
+MTLFAST_CLONES void steps_avx2(const Args& a, int t, int threads, SpinBarrier& barrier) {
+  steps<32>(a, t, threads, barrier);
+}
+
+#ifdef MTLFAST_AVX512
+template <typename Args>
+MTLFAST_AVX512 void steps_avx512(const Args& a, int t, int threads, SpinBarrier& barrier) {
+  steps<64>(a, t, threads, barrier);
+}
+#endif
+
+template <typename Args>
+void run_steps(const Args& a, int team, int wide) {
+  run_team(team, [&](int t, int n, SpinBarrier& barrier) {
+#ifdef MTLFAST_AVX512
+    if (wide == 64) return steps_avx512(a, t, n, barrier);
+#endif
+    steps_avx2(a, t, n, barrier);
+  });
 }
 
 template <typename T>
@@ -376,7 +413,8 @@ void lstm_forward(int64_t G, int64_t T_, int64_t B, int64_t H, const T* xproj, c
                   const T* c0, const int64_t* lengths, const uint8_t* reverse, T* hs, T* gates, T* cells, T* h_prev,
                   T* h_n, T* c_n, int threads) {
   if (G == 0 || B == 0 || H == 0) return;
-  constexpr int L = kLanes<T>;
+  const int wide = vector_bytes();
+  const int L = wide / static_cast<int>(sizeof(T));
   const int64_t blocks = (H + L - 1) / L;
   AlignedBuffer<T> panels(G * blocks * 2 * H * 2 * L);
   AlignedBuffer<T> h_spare(G * B * H);
@@ -388,7 +426,7 @@ void lstm_forward(int64_t G, int64_t T_, int64_t B, int64_t H, const T* xproj, c
   ForwardArgs<T> a{G, T_, B, H, xproj, w, lengths, reverse, hs, gates, cells, h_prev, c_n, {h_even, h_odd},
                    panels.data, blocks};
   const int team = team_size(threads, G * blocks);
-  run_team(team, [&](int t, int n, SpinBarrier& barrier) { forward_thread(a, t, n, barrier); });
+  run_steps(a, team, wide);
 }
 
 template <typename T>
@@ -401,7 +439,8 @@ void lstm_backward(int64_t G, int64_t T_, int64_t B, int64_t H, const T* dhs, co
     std::memcpy(dc0, dc_n, sizeof(T) * G * B * H);
     return;
   }
-  constexpr int L = kLanes<T>;
+  const int wide = vector_bytes();
+  const int L = wide / static_cast<int>(sizeof(T));
   const int64_t blocks = (H + 2 * L - 1) / (2 * L);
   AlignedBuffer<T> panels(G * blocks * 4 * H * 2 * L);
   AlignedBuffer<T> dh_spare(G * B * H);
@@ -414,7 +453,7 @@ void lstm_backward(int64_t G, int64_t T_, int64_t B, int64_t H, const T* dhs, co
                     {dh_parity[0], dh_parity[1]},
                     panels.data, w, blocks};
   const int team = team_size(threads, std::min(G * blocks, G * B));
-  run_team(team, [&](int t, int n, SpinBarrier& barrier) { backward_thread(a, t, n, barrier); });
+  run_steps(a, team, wide);
 }
 
 template <typename T>

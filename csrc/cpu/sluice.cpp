@@ -20,14 +20,30 @@ int team_for(int threads, int64_t elements) {
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(threads, elements / kMinElementsPerThread)));
 }
 
-// out[e] = sum_j coef[j] * in[j][e] for e < n.
+// out[e] = sum_j coef[j] * in[j][e] for e < n, kBlock elements at a time: the block's sum stays
+// in registers over all j and is stored once (the sluice chunks are short, d = 50: accumulating
+// in out itself wrote every output count + 1 times).
+constexpr int64_t kBlock = 16;
+
 template <typename T>
 inline void combine(int64_t n, int64_t count, const T* const* in, const T* coef, T* __restrict out) {
-  for (int64_t e = 0; e < n; ++e) out[e] = T(0);
-  for (int64_t j = 0; j < count; ++j) {
-    const T c = coef[j];
-    const T* __restrict src = in[j];
-    for (int64_t e = 0; e < n; ++e) out[e] += c * src[e];
+  for (int64_t e0 = 0; e0 < n; e0 += kBlock) {
+    T acc[kBlock] = {};
+    if (n - e0 >= kBlock) {
+      for (int64_t j = 0; j < count; ++j) {
+        const T c = coef[j];
+        const T* __restrict src = in[j] + e0;
+        for (int64_t e = 0; e < kBlock; ++e) acc[e] += c * src[e];
+      }
+      for (int64_t e = 0; e < kBlock; ++e) out[e0 + e] = acc[e];
+    } else {
+      for (int64_t j = 0; j < count; ++j) {
+        const T c = coef[j];
+        const T* __restrict src = in[j] + e0;
+        for (int64_t e = 0; e < n - e0; ++e) acc[e] += c * src[e];
+      }
+      for (int64_t e = 0; e < n - e0; ++e) out[e0 + e] = acc[e];
+    }
   }
 }
 

@@ -29,6 +29,12 @@ def _positive_int(owner: str, name: str, value: object) -> int:
     return _checks.integer(owner, name, value, low=1)
 
 
+def _time_major(h: torch.Tensor) -> torch.Tensor:
+    """(M, D, T, B, H), the grouped LSTM's layout, -> (M, T, B, D*H), both directions side by side."""
+    M, D, T, B, H = h.shape
+    return h.permute(0, 2, 3, 1, 4).reshape(M, T, B, D * H)
+
+
 def initial_alpha(num_tasks: int, num_subspaces: int, init: Union[str, torch.Tensor]) -> torch.Tensor:
     """The (M*S, M*S) α an init names: "imbalanced" (OWN_TASK_SHARE of each row on the task's own
     subspaces, the rest on the others'), "balanced" (1/(MS) everywhere: every task sees the same
@@ -244,17 +250,25 @@ class SluiceLSTM(nn.Module):
         mask_index = torch.full((G,), -1, dtype=torch.int64, device=x.device)   # no masks
         reverse = (weight_index % D) == 1
         zeros = per_task.new_zeros((G, B, H))
-        layer_in, outputs = per_task, []
+        # Every layer's outputs stay in the grouped op's layout (M, D, T, B, H): α mixes each
+        # direction's H units in place (alpha_mix of (M, D*T*B, H) is the per-direction mix), β
+        # mixes the layers in the same layout, and the only copies are the next layer's grouped
+        # input (each task's input read by both of its directions) and the output's layout.
+        layer_in, outputs = per_task, []                                        # (M, T, B, I)
         for k in range(self.num_layers):
             params = [self._stacked(k, kind) for kind in ("weight_ih", "weight_hh", "bias_ih", "bias_hh")]
-            xg = layer_in.unsqueeze(1).expand(M, D, *layer_in.shape[1:]).reshape(G, *layer_in.shape[1:])
+            # one copy: layer_in (M, T, B, ...) may be a permuted view; both directions read it
+            features = layer_in.shape[3:].numel()                              # explicit: -1 is ambiguous at B = 0
+            xg = layer_in.unsqueeze(1).expand(M, D, *layer_in.shape[1:]).reshape(G, T, B, features)
             y, _, _ = run_layer(xg, zeros, zeros, *params, weight_index, None, None, mask_index, group_lengths,
                                 reverse)                                       # (G, T, B, H)
-            # (M, T, B, D, H): each direction split in S subspaces, mixed with the same α
-            mixed = self.mixers[k](y.view(M, D, T, B, H).permute(0, 2, 3, 1, 4))
-            layer_in = mixed.reshape(M, T, B, D * H)
-            outputs.append(layer_in)
-        out = self.layer_mixture(outputs)                                       # (M, T, B, D_out)
+            mixed = self.mixers[k](y.view(M, D, T, B, H))                       # (M, D, T, B, H)
+            layer_in = mixed.permute(0, 2, 3, 1, 4)                             # (M, T, B, D, H), a view
+            outputs.append(mixed)
+        if self.layer_mixture.mode == "concat":     # features side by side: each layer in the output's layout
+            out = self.layer_mixture([_time_major(o) for o in outputs])         # (M, T, B, K*D*H)
+        else:
+            out = _time_major(self.layer_mixture(outputs))                      # (M, T, B, D*H)
         return out.transpose(1, 2) if self.batch_first else out
 
     def _stacked(self, layer: int, kind: str) -> torch.Tensor:

@@ -120,6 +120,15 @@ class _Select(torch.autograd.Function):
         return _Select.apply(grad, mask), None
 
 
+def is_identity_index(index: torch.Tensor, size: int) -> bool:
+    """Whether ``index`` (n,) int is exactly ``arange(size)`` (group g uses set g: sluice networks),
+    so that a gather or a group sum over it can be skipped. A host read, so only answered for CPU
+    tensors outside torch.compile tracing (False elsewhere: the general path runs)."""
+    # tolist, not torch.equal with an arange: no operator calls (a few per layer otherwise)
+    return (index.device.type == "cpu" and not torch.compiler.is_compiling() and index.shape == (size,)
+            and index.tolist() == list(range(size)))
+
+
 def select_values(weight: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``weight`` where ``mask`` (broadcast against it), else +0, without autograd: the exact select
     of :class:`_Select`, as the weights' bits times the mask."""

@@ -160,6 +160,8 @@ def _group_sum(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -
     product with a one-hot: a NaN in one set's gradients stays out of the others'."""
     if num_sets == 1:       # every group uses the one set (sparse sharing)
         return grads.sum(0, keepdim=True)
+    if common.is_identity_index(weight_index, num_sets):     # one set per group (sluice networks)
+        return grads
     one_hot = weight_index.unsqueeze(0) == torch.arange(num_sets, device=grads.device).unsqueeze(1)   # (S, G)
     return common.select_values(grads.unsqueeze(0), one_hot.view(num_sets, -1, *([1] * (grads.dim() - 1)))).sum(1)
 

@@ -18,7 +18,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from mtlfast._native import capsule as _cap, lib, threads as _threads
-from mtlfast.ops.common import accumulation_dtype
+from mtlfast.ops.common import accumulation_dtype, is_identity_index
 
 
 class Weights(NamedTuple):
@@ -42,6 +42,8 @@ def prepare(weight: torch.Tensor, weight_index: torch.Tensor, masks: Optional[to
     w = weight.to(accumulation_dtype(weight.dtype)).contiguous()
     masks = masks.contiguous() if masks is not None else None
     weight_index, mask_index = weight_index.contiguous(), mask_index.contiguous()
+    if masks is None and is_identity_index(weight_index, w.shape[0]):  # one unmasked set per group: w itself
+        return Weights(w, None, mask_index)
     out = w.new_empty((weight_index.shape[0], *w.shape[1:]))
     return Weights(_mask_select(w, weight_index, masks, mask_index, out), masks, mask_index)
 
@@ -49,9 +51,10 @@ def prepare(weight: torch.Tensor, weight_index: torch.Tensor, masks: Optional[to
 def project(x: torch.Tensor, weights: Weights, bias: Optional[torch.Tensor]) -> torch.Tensor:
     """x (G, R, K) -> (G, R, N) fp32: x @ W_mᵀ (+ bias (G, N))."""
     w = weights.masked
-    if bias is None:
-        return torch.bmm(x.to(w.dtype), w.transpose(1, 2))
-    return torch.baddbmm(bias.to(w.dtype).unsqueeze(1), x.to(w.dtype), w.transpose(1, 2))
+    out = torch.bmm(x.to(w.dtype), w.transpose(1, 2))
+    # not baddbmm: with a broadcast bias it first copies the bias into every row, then runs a
+    # beta = 1 GEMM, 1.0-1.5x the GEMM alone at the sluice sizes (measured); one in-place add is less
+    return out if bias is None else out.add_(bias.to(w.dtype).unsqueeze(1))
 
 
 def grad_input(dy: torch.Tensor, weights: Weights) -> torch.Tensor:
