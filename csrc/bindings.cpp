@@ -401,6 +401,15 @@ void check_tau(const Call& c, double tau) {
   }
 }
 
+// check_tau for the dtype of x (a cpu_floats buffer: float32 or float64).
+void check_tau_for(const Call& c, const Buffer& x, double tau) {
+  if (buffers::same(x.dtype, kFloat32)) {
+    check_tau<float>(c, tau);
+  } else {
+    check_tau<double>(c, tau);
+  }
+}
+
 // What the gumbel_sigmoid functions share: the logits x, the sample z (or its gradient) of x's
 // shape or, for complementary pairs, of x's shape without its last size of 2, and tau.
 struct Gumbel {
@@ -424,11 +433,7 @@ Gumbel gumbel(const Call& c, py::handle x_, py::handle z_, const char* z_name, d
     }
     c.value_error(z_name, expected + ", got " + buffers::sizes_text(g.z.shape));
   }
-  if (buffers::same(g.x.dtype, kFloat32)) {
-    check_tau<float>(c, tau);
-  } else {
-    check_tau<double>(c, tau);
-  }
+  check_tau_for(c, g.x, tau);
   return g;
 }
 
@@ -462,11 +467,7 @@ Buffer softmax_rows(const Call& c, py::handle x_, double tau, int64_t* R, int64_
   Buffer x = cpu_floats(c, x_, "x");
   const std::array<int64_t, 2> sizes = c.sizes<2>(x, "(R, C)");
   *R = sizes[0], *C = sizes[1];
-  if (buffers::same(x.dtype, kFloat32)) {
-    check_tau<float>(c, tau);
-  } else {
-    check_tau<double>(c, tau);
-  }
+  check_tau_for(c, x, tau);
   return x;
 }
 

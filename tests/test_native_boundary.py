@@ -286,38 +286,24 @@ def _combine(draw, min_size, backward):
 _CUDA_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 
 
-def _linear(draw, min_size, op: str):
-    """A masked_linear call: forward, grad_input or grad_weight, bias / dbias drawn or None."""
+def _linear(draw, min_size, op: str, direct: bool = False):
+    """A masked_linear call: forward, grad_input or grad_weight, bias / dbias drawn or None. The
+    CUDA kernels' (bit-packed mask, a stream) or, with ``direct``, the cpu backend's few-row loops
+    (bool mask, float32/float64, threads)."""
     import hypothesis.strategies as st
     M, N = draw(st.integers(min_size, 9)), draw(st.integers(min_size, 9))
-    K = draw(st.integers(min_size, 70))        # past 32: more than one mask word per row
-    dt = draw(_floats(_CUDA_DTYPES))
-    bits = torch.randint(-2**31, 2**31 - 1, (N, (K + 31) // 32), dtype=torch.int32)
+    K = draw(st.integers(min_size, 70))        # past 32 mask words and the AVX-512 tiles' 16 and 64
+    dt = draw(_floats([torch.float32, torch.float64] if direct else _CUDA_DTYPES))
+    name, mask = (("mask", torch.rand(N, K) < 0.5) if direct else
+                  ("mask_bits", torch.randint(-2**31, 2**31 - 1, (N, (K + 31) // 32), dtype=torch.int32)))
     x, w, dy = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt), torch.randn(M, N, dtype=dt)
     with_bias = draw(st.booleans())
-    values = {"forward": dict(x=x, w=w, mask_bits=bits, bias=torch.randn(N, dtype=dt) if with_bias else None,
+    values = {"forward": dict(x=x, w=w, **{name: mask}, bias=torch.randn(N, dtype=dt) if with_bias else None,
                               out=torch.empty(M, N, dtype=dt)),
-              "grad_input": dict(dy=dy, w=w, mask_bits=bits, dx=torch.empty(M, K, dtype=dt)),
-              "grad_weight": dict(dy=dy, x=x, mask_bits=bits, dw=torch.empty(N, K, dtype=dt),
+              "grad_input": dict(dy=dy, w=w, **{name: mask}, dx=torch.empty(M, K, dtype=dt)),
+              "grad_weight": dict(dy=dy, x=x, **{name: mask}, dw=torch.empty(N, K, dtype=dt),
                                   dbias=torch.empty(N, dtype=dt) if with_bias else None)}[op]
-    return {**values, "stream": Raw("stream")}, {}
-
-
-def _direct(draw, min_size, op: str):
-    """A call of the cpu backend's direct masked_linear loops (bool mask, contiguous buffers)."""
-    import hypothesis.strategies as st
-    M, N = draw(st.integers(min_size, 9)), draw(st.integers(min_size, 9))
-    K = draw(st.integers(min_size, 70))        # past 16 and 64: the AVX-512 tiles' tails
-    dt = draw(_floats([torch.float32, torch.float64]))
-    mask = torch.rand(N, K) < 0.5
-    x, w, dy = torch.randn(M, K, dtype=dt), torch.randn(N, K, dtype=dt), torch.randn(M, N, dtype=dt)
-    with_bias = draw(st.booleans())
-    values = {"forward": dict(x=x, w=w, mask=mask, bias=torch.randn(N, dtype=dt) if with_bias else None,
-                              out=torch.empty(M, N, dtype=dt)),
-              "grad_input": dict(dy=dy, w=w, mask=mask, dx=torch.empty(M, K, dtype=dt)),
-              "grad_weight": dict(dy=dy, x=x, mask=mask, dw=torch.empty(N, K, dtype=dt),
-                                  dbias=torch.empty(N, dtype=dt) if with_bias else None)}[op]
-    return {**values, "threads": Raw(2)}, {}
+    return {**values, **({"threads": Raw(2)} if direct else {"stream": Raw("stream")})}, {}
 
 
 def _f(name, kind="float", **kw):
@@ -356,12 +342,12 @@ SPECS = [
          lambda draw, m: _gumbel(draw, m, True), still_valid=_gumbel_still_valid),
     Spec("masked_linear_direct_forward", [_f("x"), _f("w"), _f("mask", "bool"), _f("bias", optional=True),
                                           _f("out", output=True), _f("threads", "threads")],
-         lambda draw, m: _direct(draw, m, "forward")),
+         lambda draw, m: _linear(draw, m, "forward", direct=True)),
     Spec("masked_linear_direct_grad_input", [_f("dy"), _f("w"), _f("mask", "bool"), _f("dx", output=True),
-                                             _f("threads", "threads")], lambda draw, m: _direct(draw, m, "grad_input")),
+                                             _f("threads", "threads")], lambda draw, m: _linear(draw, m, "grad_input", direct=True)),
     Spec("masked_linear_direct_grad_weight", [_f("dy"), _f("x"), _f("mask", "bool"), _f("dw", output=True),
                                               _f("dbias", output=True, optional=True), _f("threads", "threads")],
-         lambda draw, m: _direct(draw, m, "grad_weight")),
+         lambda draw, m: _linear(draw, m, "grad_weight", direct=True)),
     Spec("gumbel_softmax_forward", [_f("x"), _f("tau", "tau"), _f("seed", "seed"), _f("hard", "hard"),
                                     _f("y", output=True), _f("threads", "threads")],
          lambda draw, m: _softmax(draw, m, False)),

@@ -29,16 +29,9 @@ class Prepared(NamedTuple):
     masked: Optional[torch.Tensor]      # (N, K) where(mask, w, 0) for BLAS; None on the direct path
 
 
-_zero_index: list = []
-
-
-def _index0() -> torch.Tensor:
-    if not _zero_index:
-        _zero_index.append(torch.zeros(1, dtype=torch.int64))
-    return _zero_index[0]
-
-
-_DIRECT_ROWS = lib().direct_rows()   # the adapter is imported when the cpu backend first runs
+# the adapter is imported when the cpu backend first runs, so these cost nothing at import mtlfast
+_DIRECT_ROWS = lib().direct_rows()
+_MASK0 = torch.zeros(1, dtype=torch.int64)    # mask_select's mask_index: the one mask
 
 
 def direct(rows: int) -> bool:
@@ -48,7 +41,7 @@ def direct(rows: int) -> bool:
 
 def _mask_into(src: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = where(mask, src, 0), all (N, K) contiguous; out may be src."""
-    lib().mask_select(_cap(src.unsqueeze(0)), None, _cap(mask.unsqueeze(0)), _cap(_index0()), _cap(out.unsqueeze(0)),
+    lib().mask_select(_cap(src.unsqueeze(0)), None, _cap(mask.unsqueeze(0)), _cap(_MASK0), _cap(out.unsqueeze(0)),
                       _threads())
     return out
 
