@@ -80,6 +80,34 @@ def test_full_lengths_odd_sizes(backend):
     _compare_backend(backend, case, torch.float32)
 
 
+def _cpu_outputs_and_gradients(case, threads):
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        leaves = {k: (v.detach().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in case.items()}
+        with mtlfast.use_backend("cpu"):
+            out = call(masked_lstm_layer, leaves)
+        torch.autograd.backward(out, [torch.ones_like(o) for o in out])
+        return [o.detach() for o in out] + [leaves[k].grad for k in DIFFERENTIABLE]
+    finally:
+        torch.set_num_threads(saved)
+
+
+# G groups over a team of threads: dealt whole (G % threads == 0), shared one at a time with a
+# barrier per step (G < threads), and both in one call (G = 5 over 2 or 3 threads)
+@pytest.mark.parametrize("groups", [1, 2, 3, 5, 6])
+def test_cpu_same_numbers_on_any_thread_count(groups):
+    """The cpu recurrences deal groups whole to threads or split one group's unit blocks and rows
+    among them: each value is computed by the same instructions either way, so the outputs and
+    every gradient are bit-identical on 1, 2 and 3 threads."""
+    case = make_case(G=groups, T=5, B=11, I=6, H=37, dtype=torch.float32, device="cpu")
+    want = _cpu_outputs_and_gradients(case, 1)
+    for threads in (2, 3):
+        got = _cpu_outputs_and_gradients(case, threads)
+        for index, (a, b) in enumerate(zip(got, want, strict=True)):
+            assert torch.equal(a, b), f"threads={threads}: output/gradient {index} differs from 1 thread"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_inference_matches_reference(backend):
     """Under no_grad a backend may skip storing what backward needs (the cpu one does): the
