@@ -9,7 +9,8 @@ run the inputs gives a reason instead.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ContextManager
 
@@ -54,7 +55,7 @@ def names(spec: OpBench | None = None) -> tuple[str, ...]:
     then the mtlfast backends); of every registered op when ``spec`` is None."""
     if spec is not None:
         return ((spec.eager_name, *spec.variants, "compile") + ("dense",) * (spec.dense is not None)
-                + _backends())
+                + _backends() + tuple(spec.backend_modes))
     return tuple(dict.fromkeys(BASELINES + tuple(n for s in registry.ops() for n in names(s))))
 
 
@@ -83,6 +84,40 @@ def _reasons(spec: OpBench, args: tuple) -> dict:
     first = next(a for a in args if isinstance(a, torch.Tensor))
     per_op = [mtlfast.backends.reasons(op, first) for op in spec.library_ops]
     return {b: next((r[b] for r in per_op if r[b]), None) for b in per_op[0]}
+
+
+@contextlib.contextmanager
+def _environment(settings: Mapping[str, str]):
+    saved = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _backend_mode(name: str) -> Callable[[OpBench, tuple, torch.device], Built]:
+    """A backend run with environment settings (OpBench.backend_modes), e.g. the masked LSTM's
+    Triton kernels forced to one launch per step."""
+    def build(spec: OpBench, args: tuple, device: torch.device) -> Built:
+        backend, settings = spec.backend_modes[name]
+        built = _backend(backend)(spec, args, device)
+        if built.fn is None:
+            return built
+        inner = built.context
+
+        @contextlib.contextmanager
+        def context():
+            with _environment(settings), inner():
+                yield
+
+        return Built(built.fn, context=context, checked=built.checked)
+
+    return build
 
 
 def _backend(name: str) -> Callable[[OpBench, tuple, torch.device], Built]:
@@ -117,5 +152,5 @@ def _variant(name: str) -> Callable[[OpBench, tuple, torch.device], Built]:
 def build(name: str, spec: OpBench, args: tuple, device: torch.device) -> Built:
     """Provider ``name`` for ``spec`` on these inputs."""
     builders = {spec.eager_name: _eager, "dense": _dense, "compile": _compile,
-                **{v: _variant(v) for v in spec.variants}}
+                **{v: _variant(v) for v in spec.variants}, **{m: _backend_mode(m) for m in spec.backend_modes}}
     return builders.get(name, _backend(name))(spec, args, device)

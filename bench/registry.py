@@ -60,6 +60,9 @@ class OpBench:
     random: the op samples (e.g. Gumbel noise): every provider draws from its own random stream,
         so none is compared with eager sample by sample; all are timed, with a null ``rel_err``
         and a ``note`` saying why.
+    backend_modes: more mtlfast providers, each a backend run with environment settings, e.g.
+        ``{"triton-step": ("triton", {"MTLFAST_LSTM_MODE": "step"})}`` (the plain backend name
+        runs the library's automatic choice).
     library_ops: the mtlfast ops (``mtlfast.backends.reasons`` names) the provider runs, when
         ``op`` names a whole model rather than one op (default: ``op`` itself); a backend runs
         the workload when it runs every one of them on the workload's first tensor.
@@ -80,6 +83,7 @@ class OpBench:
     random: bool = False
     sample_check: Callable[[tuple, tuple[torch.Tensor, ...]], str] | None = None
     library_ops: tuple[str, ...] = ()
+    backend_modes: Mapping[str, tuple[str, Mapping[str, str]]] = field(default_factory=dict)
 
 
 _OPS: dict[str, OpBench] = {}

@@ -95,7 +95,9 @@ NOT_COMPETING = {"dense": "the unmasked matmul", "eager-hard-sharing": "a differ
 
 
 def _is_mtlfast(provider: str) -> bool:
-    return provider in DEFAULT_BACKENDS or provider.startswith("mtlfast")
+    # a backend, the custom-op path, or a backend in one of its modes (e.g. triton-step)
+    return (provider in DEFAULT_BACKENDS or provider.startswith("mtlfast")
+            or provider.split("-")[0] in DEFAULT_BACKENDS)
 
 
 def _spread(r: Record) -> str:

@@ -28,13 +28,13 @@ from mtlfast.ops.gumbel import (allocation_combine_reference, gumbel_pairs_refer
                                 gumbel_sigmoid_reference, gumbel_softmax_reference)
 from mtlfast.ops.sluice import (alpha_mix_reference, layer_mix_reference,  # noqa: E402
                                 orthogonality_penalty_reference)
-from mtlfast.triton_kernels import gumbel, masked_gemm, masked_lstm, sluice  # noqa: E402
+from mtlfast.triton_kernels import gumbel, masked_gemm, masked_lstm, masked_lstm_sequence, sluice  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
 from tests.helpers import assert_close  # noqa: E402
 from tests.test_triton_masked_lstm import (backward_recurrence_case, gemm_inputs, masked_weights,  # noqa: E402
                                            oracle_forward, recurrence_inputs)
 
-MODULES = (masked_gemm, masked_lstm, sluice, gumbel)
+MODULES = (masked_gemm, masked_lstm, masked_lstm_sequence, sluice, gumbel)
 
 
 def tuners() -> dict:
@@ -51,7 +51,7 @@ TUNERS = tuners()
 
 
 def test_every_kernel_is_autotuned_through_the_one_decorator():
-    assert len(TUNERS) == 18, sorted(TUNERS)
+    assert len(TUNERS) == 20, sorted(TUNERS)
     for name, tuner in TUNERS.items():
         assert len(tuner.candidates) >= 2 and all(isinstance(c, triton.Config) for c in tuner.candidates), name
         assert len(set(tuner.candidates)) == len(tuner.candidates), f"{name}: a candidate listed twice"
@@ -152,15 +152,15 @@ def case_grouped_grad_weight():
 REC = (2, 2, 5, 40)                 # (G, T, B, H): 4H = 160, two mask words per row, group 1 reverse
 
 
-def case_forward_step():
+def _forward_recurrence_case(mode):
     args = recurrence_inputs(*REC, BF16)
-    for name, got, want in zip(("hs", "h_n", "c_n", "gates", "cells", "h_prev"), masked_lstm.forward_recurrence(*args),
-                               oracle_forward(*args), strict=True):
+    for name, got, want in zip(("hs", "h_n", "c_n", "gates", "cells", "h_prev"),
+                               masked_lstm.forward_recurrence(*args, mode=mode), oracle_forward(*args), strict=True):
         close(got, want, BF16, name)
 
 
-def case_backward_step():
-    got, want, _ = backward_recurrence_case(REC, BF16)
+def _backward_recurrence_case(mode):
+    got, want, _ = backward_recurrence_case(REC, BF16, mode)
     for name, a, b in zip(("dgates", "dh0", "dc0"), got, want, strict=True):
         close(a, b, BF16, name)
 
@@ -294,8 +294,10 @@ CASES = {
     "_grouped_forward_kernel": case_grouped_forward,
     "_grouped_grad_input_kernel": case_grouped_grad_input,
     "_grouped_grad_weight_kernel": case_grouped_grad_weight,
-    "_forward_step_kernel": case_forward_step,
-    "_backward_step_kernel": case_backward_step,
+    "_forward_step_kernel": lambda: _forward_recurrence_case("step"),
+    "_backward_step_kernel": lambda: _backward_recurrence_case("step"),
+    "_forward_sequence_kernel": lambda: _forward_recurrence_case("sequence"),
+    "_backward_sequence_kernel": lambda: _backward_recurrence_case("sequence"),
     "_alpha_mix_forward_kernel": case_alpha_forward,
     "_alpha_mix_backward_kernel": case_alpha_backward,
     "_layer_mix_forward_kernel": case_layer_forward,
@@ -400,23 +402,26 @@ def test_projection_over_20_lengths_tunes_once_per_bucket(kernel):
     assert len(timed) <= len(cache) * candidates
 
 
-@pytest.mark.parametrize("kernel", ["_forward_step_kernel", "_backward_step_kernel"])
+@pytest.mark.parametrize("kernel", ["_forward_step_kernel", "_backward_step_kernel", "_forward_sequence_kernel",
+                                    "_backward_sequence_kernel"])
 def test_recurrence_over_20_batches_tunes_once_per_bucket(kernel):
-    """The step kernels' rows are a group's batch, which varies with the batch and the task mix."""
+    """The recurrences' rows are a group's batch, which varies with the batch and the task mix (and
+    the sequence kernels' length is no key at all)."""
     batches = list(range(1, 21))
     tuner = TUNERS[kernel]
+    mode = "step" if "_step_" in kernel else "sequence"
     with counting_benchmarks(tuner) as (cache, timed):
         for B in batches:
-            G, T, H = 2, 1, 8
+            G, T, H = 2, 1 + B % 3, 8
             args = recurrence_inputs(G, T, B, H, F32)
-            if kernel == "_forward_step_kernel":
-                masked_lstm.forward_recurrence(*args)
+            if kernel.startswith("_forward"):
+                masked_lstm.forward_recurrence(*args, mode=mode)
             else:
                 xproj, h0, c0, w_hh, wi, bits, mi, lengths, reverse = args
                 gates = torch.rand(G, T, B, 4 * H, device=DEVICE)
                 cells = torch.randn(G, T, B, H, device=DEVICE)
                 masked_lstm.backward_recurrence(torch.randn(G, T, B, H, device=DEVICE), h0, c0, gates, cells, c0,
-                                                w_hh, wi, bits, mi, lengths, reverse)
+                                                w_hh, wi, bits, mi, lengths, reverse, mode=mode)
     assert 0 < len(cache) <= _buckets(batches) < len(batches), (len(cache), _buckets(batches))
 
 

@@ -55,7 +55,8 @@ def test_pointers_have_the_launchers_dtypes(compiled):
                 assert kind == "*fp32", r
             elif name == "z_ptr" and r["kernel"].startswith("_combine"):    # the allocation (pairs: the sample)
                 assert kind == "*fp32", r
-        if r["kernel"] in ("_forward_step_kernel", "_backward_step_kernel"):
+        if r["kernel"] in ("_forward_step_kernel", "_backward_step_kernel", "_forward_sequence_kernel",
+                           "_backward_sequence_kernel"):
             assert p["w_ptr"] == short[r["dtype"]], r
             assert {kind for name, kind in p.items()
                     if name not in ("w_ptr", "wi_ptr", "mi_ptr", "len_ptr", "bits_ptr", "rev_ptr")} == {"*fp32"}, r
@@ -74,6 +75,9 @@ def test_integers_are_specialised_as_the_jit_does(compiled):
             assert {"stride_wk", "stride_xn", "stride_lb"} <= set(r["ones"]), r
             assert ("H" in r["divisible"]) == (r["workload"] == "lstm-large"), r
             assert "B_BUCKET" not in r["divisible"] and "step" not in r["divisible"], r
+        if r["kernel"] in ("_forward_sequence_kernel", "_backward_sequence_kernel"):
+            # the length is a loop bound: a kernel per length would recompile every batch
+            assert "T" not in r["divisible"] and "T" not in r["ones"] and "B_BUCKET" not in r["divisible"], r
         if r["kernel"] == "_grouped_forward_kernel":
             assert {"stride_xk", "stride_wk", "stride_on"} <= set(r["ones"]), r
             assert "M_BUCKET" not in r["divisible"], r
@@ -104,3 +108,16 @@ def test_every_kernel_has_a_spill_free_h100_bf16_config(compiled):
         if r["arch"] == 90 and r["dtype"] == "bfloat16" and not r["config"]["INT64"]:
             by_kernel.setdefault((r["kernel"], r["workload"]), []).append(r["stack"] == 0 and r["local"] == 0)
     assert by_kernel and all(any(flags) for flags in by_kernel.values()), by_kernel
+
+
+def test_sequence_kernels_never_spill(compiled):
+    """The sequence kernels keep a row's state and loop bounds live across every step's hidden loop:
+    no candidate compiled for A100 or H100 in fp16 or bf16 (the dtypes the GPU's tensor cores run)
+    spills registers (no stack frame, no local memory). fp32's few bytes are reported, as for the
+    other kernels."""
+    sequence = [r for r in compiled if r["kernel"] in ("_forward_sequence_kernel", "_backward_sequence_kernel")
+                and r["dtype"] in ("float16", "bfloat16")]
+    assert {r["arch"] for r in sequence} == {80, 90}, sequence
+    spills = [(r["kernel"], r["workload"], r["dtype"], r["arch"], r["config"], r["stack"], r["local"])
+              for r in sequence if r["stack"] or r["local"]]
+    assert not spills, spills

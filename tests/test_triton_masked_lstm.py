@@ -122,7 +122,7 @@ def test_grouped_grad_weight(dtype, shape):
         close(dw[g], dy[g].double().T @ x[g].double(), dtype)
 
 
-def test_int64_offsets_match(monkeypatch):
+def test_int64_offsets_match(mode, monkeypatch):
     """The INT64 variants (taken for huge tensors, which the interpreter cannot afford) compute the
     same as the int32 ones."""
     G, R, Kdim, N, S, P = GEMM_SHAPES[0]
@@ -153,7 +153,15 @@ def test_int64_offsets_match(monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
-# recurrence
+# recurrence: every test in both modes, one launch per step and one per sequence
+# (triton_kernels/masked_lstm_sequence.py)
+
+@pytest.fixture(params=["step", "sequence"])
+def mode(request):
+    # its own MonkeyPatch: a test's monkeypatch.undo() must not drop the mode
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MTLFAST_LSTM_MODE", request.param)
+        yield request.param
 
 def recurrence_inputs(G, T, B, H, dtype, *, S=2, P=2, with_masks=True, lengths=None):
     xproj = torch.randn(G, T, B, 4 * H, device=DEVICE)
@@ -204,13 +212,14 @@ def _unpack(bits, columns):
     return unpack_mask(bits, columns)
 
 
-# (G, T, B, H): H = 7 and 33 (one and two mask words, tails in every tile), B = 1 and 5
-REC_SHAPES = [(3, 4, 5, 7), (2, 3, 1, 33), (3, 3, 5, 33)]
+# (G, T, B, H): H = 7 and 33 (one and two mask words, tails in every tile), B = 1 and 5, T = 1,
+# B = 17 (two batch tiles of 16: two sequence programs per group)
+REC_SHAPES = [(3, 4, 5, 7), (2, 3, 1, 33), (3, 3, 5, 33), (2, 1, 3, 7), (2, 2, 17, 7)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", REC_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_forward_recurrence(dtype, shape):
+def test_forward_recurrence(mode, dtype, shape):
     args = recurrence_inputs(*shape, dtype)
     got = K.forward_recurrence(*args)
     want = oracle_forward(*args)
@@ -224,7 +233,7 @@ def test_forward_recurrence(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_forward_recurrence_unmasked(dtype):
+def test_forward_recurrence_unmasked(mode, dtype):
     G, T, B, H = 2, 3, 5, 7
     args = list(recurrence_inputs(G, T, B, H, dtype, with_masks=False, lengths=torch.tensor([[3, 1, 0, 2, 3]] * G)))
     args[6] = torch.full((G,), -1, device=DEVICE)
@@ -232,13 +241,13 @@ def test_forward_recurrence_unmasked(dtype):
         close(a, b, dtype)
 
 
-def test_forward_recurrence_fp16():
+def test_forward_recurrence_fp16(mode):
     args = recurrence_inputs(2, 3, 5, 33, torch.float16)
     for a, b in zip(K.forward_recurrence(*args), oracle_forward(*args)):
         close(a, b, torch.float16)
 
 
-def test_forward_recurrence_zero_steps():
+def test_forward_recurrence_zero_steps(mode):
     xproj, h0, c0, w_hh, wi, bits, mi, lengths, reverse = recurrence_inputs(2, 1, 3, 7, torch.float32)
     hs, h_n, c_n, gates, cells, h_prev = K.forward_recurrence(xproj[:, :0], h0, c0, w_hh, wi, bits, mi, lengths * 0,
                                                               reverse)
@@ -256,21 +265,22 @@ def oracle_backward(dhs, dh_n, dc_n, fwd_args):
     return (xproj.grad, h0.grad, c0.grad), (gates.detach(), cells.detach())
 
 
-def backward_recurrence_case(shape, dtype):
-    """(got, want, lengths): the backward recurrence kernel and its oracle on random inputs."""
+def backward_recurrence_case(shape, dtype, mode=None):
+    """(got, want, lengths): the backward recurrence kernel (``mode``: step, sequence or None for the
+    automatic choice) and its oracle on random inputs."""
     G, T, B, H = shape
     args = recurrence_inputs(*shape, dtype)
     dhs = torch.randn(G, T, B, H, device=DEVICE)
     dh_n, dc_n = torch.randn(G, B, H, device=DEVICE), torch.randn(G, B, H, device=DEVICE)
     want, (gates, cells) = oracle_backward(dhs, dh_n, dc_n, args)
     xproj, h0, c0, w_hh, wi, bits, mi, lengths, reverse = args
-    got = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths, reverse)
+    got = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths, reverse, mode=mode)
     return got, want, lengths
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", REC_SHAPES, ids=lambda s: "x".join(map(str, s)))
-def test_backward_recurrence(dtype, shape):
+def test_backward_recurrence(mode, dtype, shape):
     T = shape[1]
     got, want, lengths = backward_recurrence_case(shape, dtype)
     for name, a, b in zip(("dgates", "dh0", "dc0"), got, want):
@@ -281,7 +291,7 @@ def test_backward_recurrence(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_backward_recurrence_unmasked_strided_grads(dtype):
+def test_backward_recurrence_unmasked_strided_grads(mode, dtype):
     """bits None, every group unmasked; dhs with group stride 0 and dh_n / dc_n zeros expanded, as
     an orchestrator passes gradients that were never produced."""
     G, T, B, H = 2, 3, 5, 7
@@ -297,7 +307,7 @@ def test_backward_recurrence_unmasked_strided_grads(dtype):
         close(a, b, dtype)
 
 
-def test_backward_recurrence_from_kernel_forward():
+def test_backward_recurrence_from_kernel_forward(mode):
     """Forward and backward kernels chained, as the orchestrator runs them."""
     G, T, B, H = 3, 4, 5, 33
     args = recurrence_inputs(G, T, B, H, torch.float32)
@@ -309,3 +319,17 @@ def test_backward_recurrence_from_kernel_forward():
     got = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths, reverse)
     for a, b in zip(got, want):
         close(a, b, torch.float32)
+
+
+def test_sum_into_sets():
+    """Each set's groups summed in one launch: unsorted set indices, a set no group uses (zeros),
+    and a NaN in one set's group that stays out of the other set's sum."""
+    grads = torch.randn(5, 3, 7, device=DEVICE)
+    grads[1, 0, 0] = float("nan")
+    wi = torch.tensor([2, 0, 2, 1, 0], device=DEVICE)
+    out = K.sum_into_sets(grads, wi, 4)
+    want = torch.zeros(4, 3, 7, device=DEVICE).index_add_(0, wi, grads)
+    torch.testing.assert_close(out, want, equal_nan=True, atol=1e-6, rtol=1e-6)
+    assert torch.isnan(out[0, 0, 0]) and not torch.isnan(out[[1, 2]]).any()
+    assert torch.all(out[3] == 0)
+    assert K.sum_into_sets(grads[:0], wi[:0], 2).eq(0).all() and K.sum_into_sets(grads, wi, 4).shape == (4, 3, 7)

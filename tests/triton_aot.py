@@ -32,6 +32,7 @@ from pathlib import Path
 
 DTYPES = ("float16", "bfloat16", "float32")
 GEMM, LSTM = "mtlfast.triton_kernels.masked_gemm", "mtlfast.triton_kernels.masked_lstm"
+LSTM_SEQUENCE = "mtlfast.triton_kernels.masked_lstm_sequence"
 SLUICE = "mtlfast.triton_kernels.sluice"
 GUMBEL = "mtlfast.triton_kernels.gumbel"
 _GUMBEL_KERNELS = ["_sigmoid_forward_kernel", "_sigmoid_backward_kernel", "_pairs_forward_kernel",
@@ -42,6 +43,7 @@ _GUMBEL_KERNELS = ["_sigmoid_forward_kernel", "_sigmoid_backward_kernel", "_pair
 KERNELS = [
     (GEMM, "_grouped_forward_kernel"), (GEMM, "_grouped_grad_input_kernel"), (GEMM, "_grouped_grad_weight_kernel"),
     (LSTM, "_forward_step_kernel"), (LSTM, "_backward_step_kernel"),
+    (LSTM_SEQUENCE, "_forward_sequence_kernel"), (LSTM_SEQUENCE, "_backward_sequence_kernel"),
     (SLUICE, "_alpha_mix_forward_kernel"), (SLUICE, "_alpha_mix_backward_kernel"),
     (SLUICE, "_layer_mix_forward_kernel"), (SLUICE, "_layer_mix_backward_kernel"),
     (SLUICE, "_orthogonality_forward_kernel"),
@@ -68,6 +70,7 @@ def _lstm_layer(tasks: int, input_size: int, hidden: int, batch: int, length: in
         import torch
 
         from mtlfast.triton_kernels import masked_lstm as K
+        from mtlfast.triton_kernels.masked_lstm_sequence import sequence_unfit
         f32, i64 = torch.float32, torch.int64
         G, I, H, B, T = 2 * tasks, input_size, hidden, batch, length
         e = lambda *shape, dtype=dtype: _meta(torch, *shape, dtype=dtype)   # noqa: E731
@@ -81,9 +84,15 @@ def _lstm_layer(tasks: int, input_size: int, hidden: int, batch: int, length: in
         xproj = K.grouped_masked_matmul(x.reshape(G, T * B, I), w_ih, wi, bits_ih, mi, bias,
                                         out_dtype=f32).view(G, T, B, 4 * H)
         h0, c0 = e(G, B, H, dtype=f32), e(G, B, H, dtype=f32)
-        _, _, _, gates, cells, _ = K.forward_recurrence(xproj, h0, c0, w_hh, wi, bits_hh, mi, lengths, reverse)
-        dgates, _, _ = K.backward_recurrence(e(G, T, B, H, dtype=f32), e(G, B, H, dtype=f32), e(G, B, H, dtype=f32),
-                                             gates, cells, c0, w_hh, wi, bits_hh, mi, lengths, reverse)
+        # both recurrence modes where the sequence kernels take the size (the automatic choice
+        # there), the step kernels alone above it
+        modes = ("sequence", "step") if sequence_unfit(H) is None else ("step",)
+        for mode in modes:
+            _, _, _, gates, cells, _ = K.forward_recurrence(xproj, h0, c0, w_hh, wi, bits_hh, mi, lengths, reverse,
+                                                            mode=mode)
+            dgates, _, _ = K.backward_recurrence(e(G, T, B, H, dtype=f32), e(G, B, H, dtype=f32),
+                                                 e(G, B, H, dtype=f32), gates, cells, c0, w_hh, wi, bits_hh, mi,
+                                                 lengths, reverse, mode=mode)
         dg = dgates.reshape(G, T * B, 4 * H).to(dtype)
         K.grouped_masked_matmul_grad_input(dg, w_ih, wi, bits_ih, mi)
         K.grouped_masked_matmul_grad_weight(dg, x.reshape(G, T * B, I), bits_ih, mi)

@@ -9,7 +9,9 @@ picks group g's weight set, ``mask_index[g]`` its mask (-1: unmasked); both are 
 Masks are read bit-packed and applied to weight tiles in registers (as in masked_gemm.py), so
 ``W ⊙ M`` never exists in memory.
 
-The recurrences run one launch per step for all groups. Each launch reads the state the previous
+The recurrences below run one launch per step for all groups; masked_lstm_sequence.py runs the
+whole sequence in one launch where the hidden size allows, and forward_recurrence /
+backward_recurrence pick between them (MTLFAST_LSTM_MODE). Each step launch reads the state the previous
 one wrote and writes the other of two buffers (ping-pong), so no launch reads what it writes and
 a step needs no grid-wide synchronisation. Launch helpers allocate the outputs; autograd and the
 step loop's callers live in mtlfast/ops/masked_lstm.py.
@@ -100,6 +102,35 @@ def _tanh(x):
     return tl.where(x < 0, -y, y)
 
 
+@triton.jit
+def _activate(acc_i, acc_f, acc_g, acc_o, x_tile, x_gate, tile_ok):
+    """The four gates of a tile from its recurrent dot products and xproj (x_tile: gate i's
+    pointers, x_gate: the offset between gates)."""
+    i = tl.sigmoid(acc_i + tl.load(x_tile, mask=tile_ok, other=0.0).to(tl.float32))
+    f = tl.sigmoid(acc_f + tl.load(x_tile + x_gate, mask=tile_ok, other=0.0).to(tl.float32))
+    z = _tanh(acc_g + tl.load(x_tile + 2 * x_gate, mask=tile_ok, other=0.0).to(tl.float32))
+    o = tl.sigmoid(acc_o + tl.load(x_tile + 3 * x_gate, mask=tile_ok, other=0.0).to(tl.float32))
+    return i, f, z, o
+
+
+@triton.jit
+def _store_gates(ptr, gate, H, i, f, z, o, active, tile_ok):
+    """A tile's four gate values (or their gradients) at gate, gate + H, ..., 0 for inactive rows."""
+    tl.store(ptr + gate, tl.where(active, i, 0.0).to(ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(ptr + gate + H, tl.where(active, f, 0.0).to(ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(ptr + gate + 2 * H, tl.where(active, z, 0.0).to(ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(ptr + gate + 3 * H, tl.where(active, o, 0.0).to(ptr.dtype.element_ty), mask=tile_ok)
+
+
+@triton.jit
+def _cell_backward(dh_tot, dc, i, f, z, o, tc, c_prev):
+    """The cell's backward for a tile: (d_i, d_f, d_z, d_o) w.r.t. the pre-activations and the dc
+    passed to the previous step, from the total dh, the carried dc, the gates and tanh(c)."""
+    dc_tot = dc + dh_tot * o * (1.0 - tc * tc)
+    return (dc_tot * z * i * (1.0 - i), dc_tot * c_prev * f * (1.0 - f), dc_tot * i * (1.0 - z * z),
+            dh_tot * tc * o * (1.0 - o), dc_tot * f)
+
+
 # ---------------------------------------------------------------------------------------------
 # Recurrence steps. Grid: (batch tiles × hidden tiles, G), batch tiles fastest so the programs
 # that read the same weight tiles run together and share them in L2. State buffers (G, B, H),
@@ -176,11 +207,7 @@ def _forward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
     length = tl.load(len_ptr + g * stride_lg + offs_b * stride_lb, mask=row_ok, other=0)
     t_b = _time_of(step, length, tl.load(rev_ptr + g) != 0)[:, None]
     x_tile = xproj_ptr + g * stride_xg + t_b * stride_xt + offs_b[:, None] * stride_xb + offs_h[None, :] * stride_xn
-    x_gate = H * stride_xn
-    i = tl.sigmoid(acc_i + tl.load(x_tile, mask=tile_ok, other=0.0).to(tl.float32))
-    f = tl.sigmoid(acc_f + tl.load(x_tile + x_gate, mask=tile_ok, other=0.0).to(tl.float32))
-    z = _tanh(acc_g + tl.load(x_tile + 2 * x_gate, mask=tile_ok, other=0.0).to(tl.float32))
-    o = tl.sigmoid(acc_o + tl.load(x_tile + 3 * x_gate, mask=tile_ok, other=0.0).to(tl.float32))
+    i, f, z, o = _activate(acc_i, acc_f, acc_g, acc_o, x_tile, H * stride_xn, tile_ok)
 
     state = g * B * H + offs_b[:, None] * H + offs_h[None, :]
     c_prev = tl.load(c_in_ptr + state, mask=tile_ok, other=0.0).to(tl.float32)
@@ -198,10 +225,7 @@ def _forward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
     tl.store(cells_ptr + seq, c.to(cells_ptr.dtype.element_ty), mask=tile_ok)
     tl.store(hprev_ptr + seq, h_prev.to(hprev_ptr.dtype.element_ty), mask=tile_ok)
     gate = ((g * T + t_b) * B + offs_b[:, None]) * (4 * H) + offs_h[None, :]
-    tl.store(gates_ptr + gate, tl.where(active, i, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
-    tl.store(gates_ptr + gate + H, tl.where(active, f, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
-    tl.store(gates_ptr + gate + 2 * H, tl.where(active, z, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
-    tl.store(gates_ptr + gate + 3 * H, tl.where(active, o, 0.0).to(gates_ptr.dtype.element_ty), mask=tile_ok)
+    _store_gates(gates_ptr, gate, H, i, f, z, o, active, tile_ok)
 
 
 @autotune(_step_configs("BLOCK_N", _BACKWARD_STEP_SHAPES), key=["B_BUCKET", "H", "PRECISION"], prune=_prune_step)
@@ -282,16 +306,9 @@ def _backward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
             c_prev = tl.load(c0_ptr + state, mask=tile_ok, other=0.0).to(tl.float32)
         dh_tot = dh + tl.load(dhs_ptr + g * stride_dg + t_b * stride_dt + offs_b[:, None] * stride_db
                               + offs_h[None, :] * stride_dh, mask=tile_ok, other=0.0).to(tl.float32)
-        dc_tot = dc + dh_tot * o * (1.0 - tc * tc)
-        d_i = tl.where(active, dc_tot * z * i * (1.0 - i), 0.0)
-        d_f = tl.where(active, dc_tot * c_prev * f * (1.0 - f), 0.0)
-        d_z = tl.where(active, dc_tot * i * (1.0 - z * z), 0.0)
-        d_o = tl.where(active, dh_tot * tc * o * (1.0 - o), 0.0)
-        tl.store(dgates_ptr + gate, d_i.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(dgates_ptr + gate + H, d_f.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(dgates_ptr + gate + 2 * H, d_z.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
-        tl.store(dgates_ptr + gate + 3 * H, d_o.to(dgates_ptr.dtype.element_ty), mask=tile_ok)
-        dc = tl.where(active, dc_tot * f, dc)
+        d_i, d_f, d_z, d_o, dc_prev = _cell_backward(dh_tot, dc, i, f, z, o, tc, c_prev)
+        _store_gates(dgates_ptr, gate, H, d_i, d_f, d_z, d_o, active, tile_ok)
+        dc = tl.where(active, dc_prev, dc)
     # dh is stored before this step's own dot product is known: the next launch uses it only for
     # rows inactive here, which pass dh through unchanged.
     tl.store(dh_out_ptr + state, dh.to(dh_out_ptr.dtype.element_ty), mask=tile_ok)
@@ -299,7 +316,46 @@ def _backward_step_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
 
 
 # ---------------------------------------------------------------------------------------------
+# Per-group gradients summed into their weight sets
+
+_SET_SUM_BLOCK = 1024
+
+
+@triton.jit
+def _set_sum_kernel(src_ptr, wi_ptr, out_ptr, G, SIZE, BLOCK: tl.constexpr):
+    """out[s, i] = Σ_{g: wi[g] = s} src[g, i], the groups added in index order (deterministic, no
+    atomics); a masked load, not a product, so a NaN in one set's groups stays out of the others."""
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    s = tl.program_id(1)
+    ok = offs < SIZE
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    row = src_ptr + offs
+    for g in range(0, G):
+        mine = tl.load(wi_ptr + g) == s
+        acc += tl.load(row, mask=ok & mine, other=0.0).to(tl.float32)
+        row += SIZE     # pointer arithmetic is 64-bit: no int32 product g * SIZE to overflow
+    tl.store(out_ptr + s.to(tl.int64) * SIZE + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def sum_into_sets(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -> torch.Tensor:
+    """grads (G, ...) fp32, weight_index (G,) int64 in [0, num_sets) -> (num_sets, ...) in one launch."""
+    grads = grads.contiguous()
+    G = grads.shape[0]
+    out = grads.new_empty((num_sets, *grads.shape[1:]))
+    size = grads[0].numel() if G else out[0].numel() if num_sets else 0
+    if G == 0:
+        return out.zero_()
+    if size and num_sets:
+        _set_sum_kernel[(triton.cdiv(size, _SET_SUM_BLOCK), num_sets)](grads, weight_index, out, G, size,
+                                                                      BLOCK=_SET_SUM_BLOCK)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
 # Launch helpers
+
+# The sequence kernels import this module's jit helpers; imported here, after them
+from mtlfast.triton_kernels import masked_lstm_sequence as _sequence  # noqa: E402
 
 def _step_grid(B: int, H: int, G: int):
     return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(H, meta["BLOCK_H"]), G)
@@ -307,13 +363,16 @@ def _step_grid(B: int, H: int, G: int):
 
 def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                        weight_index: torch.Tensor, bits_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
-                       lengths: torch.Tensor, reverse: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+                       lengths: torch.Tensor, reverse: torch.Tensor, mode: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
     """xproj (G, T, B, 4H) fp32, h0 / c0 (G, B, H) fp32, w_hh (S, 4H, H), lengths (G, B) int64,
     reverse (G,) bool -> (hs (G, T, B, H), h_n, c_n (G, B, H), gates (G, T, B, 4H) activated,
     cells (G, T, B, H), h_prev (G, T, B, H): the h entering each step), fp32, in time order; hs and
-    gates are 0 at padded steps, cells carries c there."""
+    gates are 0 at padded steps, cells carries c there. ``mode``: 'step' (one launch per step,
+    below) or 'sequence' (one launch, masked_lstm_sequence.py); None = lstm_mode's choice."""
     G, T, B, H4 = xproj.shape
     H = H4 // 4
+    if (mode or _sequence.lstm_mode(H)) == "sequence":
+        return _sequence.forward_recurrence(xproj, h0, c0, w_hh, weight_index, bits_hh, mask_index, lengths, reverse)
     f32 = dict(device=xproj.device, dtype=torch.float32)
     hs = torch.empty((G, T, B, H), **f32)
     cells = torch.empty((G, T, B, H), **f32)
@@ -350,12 +409,17 @@ def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, 
 def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, gates: torch.Tensor,
                         cells: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor, weight_index: torch.Tensor,
                         bits_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
-                        lengths: torch.Tensor, reverse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        lengths: torch.Tensor, reverse: torch.Tensor,
+                        mode: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dhs (G, T, B, H) (any strides), dh_n / dc_n (G, B, H), gates / cells from forward_recurrence
     -> (dgates (G, T, B, 4H) w.r.t. the pre-activations, 0 at padded steps; dh0; dc0), fp32, in
-    time order."""
+    time order. ``mode`` as in forward_recurrence (either mode's backward takes either's saved
+    tensors: they are the same)."""
     G, T, B, H4 = gates.shape
     H = H4 // 4
+    if (mode or _sequence.lstm_mode(H)) == "sequence":
+        return _sequence.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, weight_index, bits_hh,
+                                             mask_index, lengths, reverse)
     f32 = dict(device=gates.device, dtype=torch.float32)
     dgates = torch.empty((G, T, B, H4), **f32)
     dh0 = torch.empty((G, B, H), **f32)

@@ -25,7 +25,9 @@ loop of the cell on ``W ⊙ M``, as the original sparse-sharing code), ``eager-l
 masked weights materialised and ``torch.nn.LSTM`` run on them through ``functional_call``:
 cuDNN on GPU, oneDNN on CPU), ``compile`` (``torch.compile`` of eager-loop) and the mtlfast
 backends (``SparseSharingLSTM`` once on the concatenation of every task's batch with per-sample
-task ids, or with ``task="all"`` in ``fwd``).
+task ids, or with ``task="all"`` in ``fwd``: every-task inference); ``triton-step`` and
+``triton-sequence`` are the Triton backend with its recurrences forced to one launch per step or
+one per sequence (``triton`` alone is the automatic choice).
 """
 from __future__ import annotations
 
@@ -259,11 +261,18 @@ WORKLOADS = (
     _workload("large", (0.5, 0.5, 0.5), 1024, 1024, 1, 64, 128,
               "scaled-up: 3 tasks, bi-LSTM 1024 -> 1024, batch 64 x length 128 per task",
               skip_on={"cpu": "GPU-only workload: 2.5e12 FLOP per fwd+bwd, tens of seconds per "
-                              "call on a CPU"}),
+                              "call on a CPU",
+                       "cuda/triton-sequence": "MTLFAST_LSTM_MODE=sequence refuses hidden 1024 (> 256: "
+                                               "masked_lstm_sequence.sequence_unfit); the step kernels run it "
+                                               "(triton-step, and triton's automatic choice)"}),
     _workload("lstm-tiny", (0.5, 0.7), 6, 5, 2, 3, 4, "smoke-test size for the harness tests", default=False),
 )
 
 SPEC = OpBench(op=OP, make_inputs=make_inputs, eager=eager_loop, dense=None, mtlfast=mtlfast_fn, flops=flops,
-               eager_name="eager-loop", variants={"eager-lstm": eager_lstm}, library_ops=("masked_lstm_layer",))
+               eager_name="eager-loop", variants={"eager-lstm": eager_lstm}, library_ops=("masked_lstm_layer",),
+               # the Triton recurrences forced to one launch per step or one per sequence (plain
+               # "triton" is the library's automatic choice: sequence up to hidden 256)
+               backend_modes={"triton-step": ("triton", {"MTLFAST_LSTM_MODE": "step"}),
+                              "triton-sequence": ("triton", {"MTLFAST_LSTM_MODE": "sequence"})})
 
 register(SPEC, WORKLOADS)

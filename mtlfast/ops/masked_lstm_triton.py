@@ -48,3 +48,8 @@ def forward_recurrence(xproj, h0, c0, w: Weights, lengths, reverse, save: bool =
 def backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w: Weights, lengths, reverse):
     return K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w.weight, w.weight_index, w.bits,
                                  w.mask_index, lengths, reverse.contiguous())
+
+
+def sum_into_sets(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -> torch.Tensor:
+    """(G, ...) -> (S, ...): each weight set's groups summed, one launch."""
+    return K.sum_into_sets(grads, weight_index, num_sets)
