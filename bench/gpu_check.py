@@ -17,7 +17,8 @@ six stages, each under its own time limit, and prints each one's wall time:
              (``--smoke shared``: the WMMA kernels of csrc/cuda/masked_linear.cu, the Triton dot
              kernels); PyTorch's caching allocator off, so every tensor is its own allocation.
   bench      ``python -m bench --quick`` on the GPU providers (the eager formulations, dense /
-             cuDNN, triton, cuda, compile) over the workloads the issues set targets for;
+             cuDNN, triton and its LSTM modes triton-step / triton-sequence, cuda, compile) over
+             the workloads the issues set targets for;
              ``compile`` of the LSTM networks is recorded as skipped with the reason.
   profile    ``python -m bench.profile``'s comparison for conll03 (against the per-step loop and
              cuDNN), sluice-step and omniglot: launches, kernel time, wall time.
@@ -91,7 +92,10 @@ DRY_BENCH_WORKLOADS = ("masked_linear/tiny", "masked_lstm/lstm-tiny", "alpha_mix
                        "sluice_lstm/sluice-tiny", "gumbel_matrix/gumbel-matrix-tiny")
 # The GPU providers; each op's eager formulation (the oracle) runs always. The dry run adds the
 # cpu backend (so that its table has mtlfast times) and compiles one workload only.
-BENCH_PROVIDERS = ("dense", "eager-lstm", "eager-hard-sharing", "compile", "triton", "cuda")
+# triton-step / triton-sequence: the masked LSTM's two recurrence modes side by side (triton alone
+# is the automatic choice)
+BENCH_PROVIDERS = ("dense", "eager-lstm", "eager-hard-sharing", "compile", "triton", "cuda", "triton-step",
+                   "triton-sequence")
 DRY_BENCH_PROVIDERS = BENCH_PROVIDERS + ("cpu",)
 BENCH_SKIPS = (
     "masked_lstm/compile=torch.compile of the unrolled per-step loop (tasks x directions x steps cells) "

@@ -346,3 +346,32 @@ def test_machine_limits_are_measured_not_assumed() -> None:
     limits = machine.measure(torch.float64, quick=True)
     assert limits.gemm_flops_per_s > 0 and limits.copy_bytes_per_s > 0
     assert "torch.mm 256x256 float64" in limits.how and "4 MiB" in limits.how
+
+
+def test_backend_modes_run_their_backend_with_their_settings(monkeypatch) -> None:
+    """triton-step / triton-sequence (OpBench.backend_modes): the backend's own provider, called
+    with the mode's environment set, and the environment restored after; counted as mtlfast in
+    the best-provider summary."""
+    from bench import registry, table
+
+    registry.load()
+    spec = registry.op("masked_lstm")
+    assert spec.backend_modes["triton-sequence"] == ("triton", {"MTLFAST_LSTM_MODE": "sequence"})
+    assert {"triton-step", "triton-sequence"} <= set(providers.names(spec))
+    seen = []
+
+    def fake_backend(name):
+        def build(spec_, args, device):
+            assert name == "triton"
+            return providers.Built(lambda: seen.append(os.environ.get("MTLFAST_LSTM_MODE")))
+        return build
+
+    monkeypatch.setattr(providers, "_backend", fake_backend)
+    monkeypatch.setenv("MTLFAST_LSTM_MODE", "auto")
+    for mode in ("step", "sequence"):
+        built = providers.build(f"triton-{mode}", spec, (), torch.device("cpu"))
+        with built.context():
+            built.fn()
+        assert os.environ["MTLFAST_LSTM_MODE"] == "auto"
+    assert seen == ["step", "sequence"]
+    assert table._is_mtlfast("triton-step") and not table._is_mtlfast("eager-lstm")
