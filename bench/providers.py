@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ContextManager
+from unittest import mock
 
 import torch
 
@@ -86,20 +87,6 @@ def _reasons(spec: OpBench, args: tuple) -> dict:
     return {b: next((r[b] for r in per_op if r[b]), None) for b in per_op[0]}
 
 
-@contextlib.contextmanager
-def _environment(settings: Mapping[str, str]):
-    saved = {k: os.environ.get(k) for k in settings}
-    os.environ.update(settings)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-
-
 def _backend_mode(name: str) -> Callable[[OpBench, tuple, torch.device], Built]:
     """A backend run with environment settings (OpBench.backend_modes), e.g. the masked LSTM's
     Triton kernels forced to one launch per step."""
@@ -112,7 +99,7 @@ def _backend_mode(name: str) -> Callable[[OpBench, tuple, torch.device], Built]:
 
         @contextlib.contextmanager
         def context():
-            with _environment(settings), inner():
+            with mock.patch.dict(os.environ, settings), inner():
                 yield
 
         return Built(built.fn, context=context, checked=built.checked)

@@ -1,10 +1,11 @@
 """The markdown results table: one section per device and dtype, one row per provider."""
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from bench import fmt
+from bench import fmt, registry
 from bench.providers import DEFAULT_BACKENDS
 
 Record = Mapping[str, Any]
@@ -95,9 +96,15 @@ NOT_COMPETING = {"dense": "the unmasked matmul", "eager-hard-sharing": "a differ
 
 
 def _is_mtlfast(provider: str) -> bool:
-    # a backend, the custom-op path, or a backend in one of its modes (e.g. triton-step)
+    # a backend, the custom-op path, or a backend in one of its modes (OpBench.backend_modes)
     return (provider in DEFAULT_BACKENDS or provider.startswith("mtlfast")
-            or provider.split("-")[0] in DEFAULT_BACKENDS)
+            or provider in _backend_modes())
+
+
+@functools.lru_cache(maxsize=None)
+def _backend_modes() -> frozenset:
+    registry.load()         # a report may be made from records alone
+    return frozenset(name for spec in registry.ops() for name in spec.backend_modes)
 
 
 def _spread(r: Record) -> str:

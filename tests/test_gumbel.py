@@ -400,7 +400,6 @@ def test_bad_input(case, call, error, fragments):
         assert fragment in str(info.value), f"{fragment!r} not in {info.value}"
 
 
-
 # ---------------------------------------------------------------------------------------------
 # torch.compile: a new tau does not recompile
 

@@ -340,13 +340,10 @@ def _set_sum_kernel(src_ptr, wi_ptr, out_ptr, G, SIZE, BLOCK: tl.constexpr):
 def sum_into_sets(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -> torch.Tensor:
     """grads (G, ...) fp32, weight_index (G,) int64 in [0, num_sets) -> (num_sets, ...) in one launch."""
     grads = grads.contiguous()
-    G = grads.shape[0]
     out = grads.new_empty((num_sets, *grads.shape[1:]))
-    size = grads[0].numel() if G else out[0].numel() if num_sets else 0
-    if G == 0:
-        return out.zero_()
-    if size and num_sets:
-        _set_sum_kernel[(triton.cdiv(size, _SET_SUM_BLOCK), num_sets)](grads, weight_index, out, G, size,
+    size = grads.shape[1:].numel()
+    if out.numel():         # no groups: every set's sum is 0, which the kernel writes too
+        _set_sum_kernel[(triton.cdiv(size, _SET_SUM_BLOCK), num_sets)](grads, weight_index, out, grads.shape[0], size,
                                                                       BLOCK=_SET_SUM_BLOCK)
     return out
 
@@ -361,18 +358,38 @@ def _step_grid(B: int, H: int, G: int):
     return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]) * triton.cdiv(H, meta["BLOCK_H"]), G)
 
 
+def _weight_args(w_hh: torch.Tensor, weight_index: torch.Tensor, bits_hh: Optional[torch.Tensor],
+                 mask_index: torch.Tensor) -> tuple:
+    """The leading arguments every recurrence kernel takes: the weight, its sets and masks."""
+    bits_arg, stride_bp, stride_bn = _mask_args(bits_hh, weight_index)
+    return (w_hh, w_hh.stride(0), w_hh.stride(1), w_hh.stride(2), weight_index, bits_arg, stride_bp, stride_bn,
+            mask_index)
+
+
+def _flags(w_hh: torch.Tensor, bits_hh: Optional[torch.Tensor], *tensors: torch.Tensor) -> dict:
+    return dict(INT64=_int64(w_hh, bits_hh, *tensors), PRECISION=_precision(w_hh.dtype),
+                UPCAST=_upcast(w_hh.dtype), HAS_MASK=bits_hh is not None)
+
+
+def _mode(mode: Optional[str], hidden: int) -> str:
+    if mode is None:
+        return _sequence.lstm_mode(hidden)
+    if mode not in ("step", "sequence"):
+        raise ValueError(f"mode must be 'step', 'sequence' or None, got {mode!r}")
+    return mode
+
+
 def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                        weight_index: torch.Tensor, bits_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
                        lengths: torch.Tensor, reverse: torch.Tensor, mode: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
     """xproj (G, T, B, 4H) fp32, h0 / c0 (G, B, H) fp32, w_hh (S, 4H, H), lengths (G, B) int64,
     reverse (G,) bool -> (hs (G, T, B, H), h_n, c_n (G, B, H), gates (G, T, B, 4H) activated,
     cells (G, T, B, H), h_prev (G, T, B, H): the h entering each step), fp32, in time order; hs and
-    gates are 0 at padded steps, cells carries c there. ``mode``: 'step' (one launch per step,
-    below) or 'sequence' (one launch, masked_lstm_sequence.py); None = lstm_mode's choice."""
+    gates are 0 at padded steps, cells carries c there. ``mode``: 'step' (one launch per step) or
+    'sequence' (one launch: masked_lstm_sequence.py); None = lstm_mode's choice."""
     G, T, B, H4 = xproj.shape
     H = H4 // 4
-    if (mode or _sequence.lstm_mode(H)) == "sequence":
-        return _sequence.forward_recurrence(xproj, h0, c0, w_hh, weight_index, bits_hh, mask_index, lengths, reverse)
+    mode = _mode(mode, H)
     f32 = dict(device=xproj.device, dtype=torch.float32)
     hs = torch.empty((G, T, B, H), **f32)
     cells = torch.empty((G, T, B, H), **f32)
@@ -384,24 +401,23 @@ def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, 
         h_n.copy_(h0)
         c_n.copy_(c0)
         return hs, h_n, c_n, gates, cells, h_prev
+    head = (*_weight_args(w_hh, weight_index, bits_hh, mask_index), xproj, *xproj.stride(), lengths, *lengths.stride(),
+            reverse)
+    flags = _flags(w_hh, bits_hh, xproj, gates)
+    h_in, c_in = h0.contiguous(), c0.contiguous()
+    if mode == "sequence":
+        _sequence._forward_sequence_kernel[_sequence.grid(B, G)](
+            *head, h_in, c_in, h_n, c_n, hs, cells, gates, h_prev, T, B, H, size_bucket(B), **flags)
+        return hs, h_n, c_n, gates, cells, h_prev
     # Ping-pong: the launch of step s writes (h_n, c_n) when T-1-s is even, so the last one lands
     # there and the final state needs no copy.
     spare = (torch.empty((G, B, H), **f32), torch.empty((G, B, H), **f32))
-    h_in, c_in = h0.contiguous(), c0.contiguous()
-    bits_arg, stride_bp, stride_bn = _mask_args(bits_hh, weight_index)
-    int64 = _int64(xproj, w_hh, bits_hh, gates)
-    precision, upcast = _precision(w_hh.dtype), _upcast(w_hh.dtype)
     grid = _step_grid(B, H, G)
     bucket = size_bucket(B)
     for s in range(T):
         h_out, c_out = (h_n, c_n) if (T - 1 - s) % 2 == 0 else spare
-        _forward_step_kernel[grid](
-            w_hh, w_hh.stride(0), w_hh.stride(1), w_hh.stride(2), weight_index,
-            bits_arg, stride_bp, stride_bn, mask_index,
-            xproj, xproj.stride(0), xproj.stride(1), xproj.stride(2), xproj.stride(3),
-            lengths, lengths.stride(0), lengths.stride(1), reverse,
-            h_in, c_in, h_out, c_out, hs, cells, gates, h_prev, s, T, B, H, bucket,
-            INT64=int64, PRECISION=precision, UPCAST=upcast, HAS_MASK=bits_hh is not None)
+        _forward_step_kernel[grid](*head, h_in, c_in, h_out, c_out, hs, cells, gates, h_prev, s, T, B, H, bucket,
+                                   **flags)
         h_in, c_in = h_out, c_out
     return hs, h_n, c_n, gates, cells, h_prev
 
@@ -417,9 +433,7 @@ def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tenso
     tensors: they are the same)."""
     G, T, B, H4 = gates.shape
     H = H4 // 4
-    if (mode or _sequence.lstm_mode(H)) == "sequence":
-        return _sequence.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, weight_index, bits_hh,
-                                             mask_index, lengths, reverse)
+    mode = _mode(mode, H)
     f32 = dict(device=gates.device, dtype=torch.float32)
     dgates = torch.empty((G, T, B, H4), **f32)
     dh0 = torch.empty((G, B, H), **f32)
@@ -429,24 +443,23 @@ def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tenso
         dc0.copy_(dc_n)
         return dgates.zero_(), dh0, dc0
     gates, cells, c0 = gates.contiguous(), cells.contiguous(), c0.contiguous()
+    head = (*_weight_args(w_hh, weight_index, bits_hh, mask_index), dhs, *dhs.stride(), lengths, *lengths.stride(),
+            reverse)
+    flags = _flags(w_hh, bits_hh, dhs, gates)
+    dh_in, dc_in = dh_n.contiguous(), dc_n.contiguous()
+    if mode == "sequence":
+        _sequence._backward_sequence_kernel[_sequence.grid(B, G)](
+            *head, dh_in, dc_in, dh0, dc0, gates, cells, c0, dgates, T, B, H, size_bucket(B), **flags)
+        return dgates, dh0, dc0
     # T + 1 launches, steps T-1 .. -1; launch j writes (dh0, dc0) when T - j is even, so the
     # last one (j = T, step -1) lands there.
     spare = (torch.empty((G, B, H), **f32), torch.empty((G, B, H), **f32))
-    dh_in, dc_in = dh_n.contiguous(), dc_n.contiguous()
-    bits_arg, stride_bp, stride_bn = _mask_args(bits_hh, weight_index)
-    int64 = _int64(dhs, w_hh, bits_hh, gates)
-    precision, upcast = _precision(w_hh.dtype), _upcast(w_hh.dtype)
     grid = _step_grid(B, H, G)
     bucket = size_bucket(B)
     for j in range(T + 1):
         s = T - 1 - j
         dh_out, dc_out = (dh0, dc0) if (T - j) % 2 == 0 else spare
-        _backward_step_kernel[grid](
-            w_hh, w_hh.stride(0), w_hh.stride(1), w_hh.stride(2), weight_index,
-            bits_arg, stride_bp, stride_bn, mask_index,
-            dhs, dhs.stride(0), dhs.stride(1), dhs.stride(2), dhs.stride(3),
-            lengths, lengths.stride(0), lengths.stride(1), reverse,
-            dh_in, dc_in, dh_out, dc_out, gates, cells, c0, dgates, s, T, B, H, bucket,
-            INT64=int64, PRECISION=precision, UPCAST=upcast, HAS_MASK=bits_hh is not None)
+        _backward_step_kernel[grid](*head, dh_in, dc_in, dh_out, dc_out, gates, cells, c0, dgates, s, T, B, H, bucket,
+                                    **flags)
         dh_in, dc_in = dh_out, dc_out
     return dgates, dh0, dc0

@@ -1,6 +1,8 @@
 """Sequence-persistent Triton kernels of the grouped masked LSTM: the whole recurrence of a layer
 (all T steps, every group) in one launch forward and one backward, against T and T + 1 launches
-of the step kernels (masked_lstm.py). Same interface, arguments and outputs as those.
+of the step kernels (masked_lstm.py). They take the step kernels' arguments (less the step
+index) and write the same outputs; masked_lstm.forward_recurrence / backward_recurrence allocate
+those and launch either.
 
 Design. One program owns a (batch tile, group) pair for the whole sequence. Its rows depend on
 nothing but their own earlier steps and the group's weight, so no program ever waits for another:
@@ -33,14 +35,12 @@ the GEMMs for dx and the two weight gradients); tests/test_lstm_sequence.py coun
 from __future__ import annotations
 
 import os
-from typing import Optional, Tuple
+from typing import Optional
 
-import torch
 import triton
 import triton.language as tl
 
-from mtlfast.triton_kernels.masked_gemm import (_dot, _group_mask, _int64, _keep_bits_nk, _mask_args,
-                                                _precision, _upcast, autotune, size_bucket)
+from mtlfast.triton_kernels.masked_gemm import _dot, _group_mask, _keep_bits_nk, autotune
 from mtlfast.triton_kernels.masked_lstm import (_activate, _cell_backward, _gate_dot, _prune_step, _step_configs,
                                                 _store_gates, _tanh, _time_of)
 
@@ -282,63 +282,7 @@ def _backward_sequence_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
         tl.debug_barrier()
 
 
-# ---------------------------------------------------------------------------------------------
-# Launchers: the step launchers' arguments and outputs (masked_lstm.forward_recurrence /
-# backward_recurrence dispatch here).
-
-def _grid(B: int, G: int):
+def grid(B: int, G: int):
+    """The kernels' grid: (batch tiles, G). masked_lstm.forward_recurrence / backward_recurrence
+    launch them with the step kernels' arguments (less the step index)."""
     return lambda meta: (triton.cdiv(B, meta["BLOCK_B"]), G)
-
-
-def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
-                       weight_index: torch.Tensor, bits_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
-                       lengths: torch.Tensor, reverse: torch.Tensor) -> Tuple[torch.Tensor, ...]:
-    """As masked_lstm.forward_recurrence, in one launch: xproj (G, T, B, 4H) fp32 -> hs, h_n, c_n,
-    gates, cells, h_prev (fp32, time order)."""
-    G, T, B, H4 = xproj.shape
-    H = H4 // 4
-    f32 = dict(device=xproj.device, dtype=torch.float32)
-    hs, cells, h_prev = (torch.empty((G, T, B, H), **f32) for _ in range(3))
-    gates = torch.empty((G, T, B, H4), **f32)
-    h_n, c_n = torch.empty((G, B, H), **f32), torch.empty((G, B, H), **f32)
-    if T == 0 or G * B * H == 0:
-        h_n.copy_(h0)
-        c_n.copy_(c0)
-        return hs, h_n, c_n, gates, cells, h_prev
-    bits_arg, stride_bp, stride_bn = _mask_args(bits_hh, weight_index)
-    _forward_sequence_kernel[_grid(B, G)](
-        w_hh, w_hh.stride(0), w_hh.stride(1), w_hh.stride(2), weight_index,
-        bits_arg, stride_bp, stride_bn, mask_index,
-        xproj, xproj.stride(0), xproj.stride(1), xproj.stride(2), xproj.stride(3),
-        lengths, lengths.stride(0), lengths.stride(1), reverse,
-        h0.contiguous(), c0.contiguous(), h_n, c_n, hs, cells, gates, h_prev, T, B, H, size_bucket(B),
-        INT64=_int64(xproj, w_hh, bits_hh, gates), PRECISION=_precision(w_hh.dtype), UPCAST=_upcast(w_hh.dtype),
-        HAS_MASK=bits_hh is not None)
-    return hs, h_n, c_n, gates, cells, h_prev
-
-
-def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, gates: torch.Tensor,
-                        cells: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor, weight_index: torch.Tensor,
-                        bits_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
-                        lengths: torch.Tensor, reverse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """As masked_lstm.backward_recurrence, in one launch -> dgates (G, T, B, 4H), dh0, dc0 (fp32)."""
-    G, T, B, H4 = gates.shape
-    H = H4 // 4
-    f32 = dict(device=gates.device, dtype=torch.float32)
-    dgates = torch.empty((G, T, B, H4), **f32)
-    dh0, dc0 = torch.empty((G, B, H), **f32), torch.empty((G, B, H), **f32)
-    if T == 0 or G * B * H == 0:
-        dh0.copy_(dh_n)
-        dc0.copy_(dc_n)
-        return dgates.zero_(), dh0, dc0
-    bits_arg, stride_bp, stride_bn = _mask_args(bits_hh, weight_index)
-    _backward_sequence_kernel[_grid(B, G)](
-        w_hh, w_hh.stride(0), w_hh.stride(1), w_hh.stride(2), weight_index,
-        bits_arg, stride_bp, stride_bn, mask_index,
-        dhs, dhs.stride(0), dhs.stride(1), dhs.stride(2), dhs.stride(3),
-        lengths, lengths.stride(0), lengths.stride(1), reverse,
-        dh_n.contiguous(), dc_n.contiguous(), dh0, dc0, gates.contiguous(), cells.contiguous(), c0.contiguous(),
-        dgates, T, B, H, size_bucket(B),
-        INT64=_int64(dhs, w_hh, bits_hh, gates), PRECISION=_precision(w_hh.dtype), UPCAST=_upcast(w_hh.dtype),
-        HAS_MASK=bits_hh is not None)
-    return dgates, dh0, dc0

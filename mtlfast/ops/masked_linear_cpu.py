@@ -34,11 +34,6 @@ _DIRECT_ROWS = lib().direct_rows()
 _MASK0 = torch.zeros(1, dtype=torch.int64)    # mask_select's mask_index: the one mask
 
 
-def direct(rows: int) -> bool:
-    """Whether ``rows`` rows run the direct loops (else BLAS on a masked copy)."""
-    return rows <= _DIRECT_ROWS
-
-
 def _mask_into(src: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out = where(mask, src, 0), all (N, K) contiguous; out may be src."""
     lib().mask_select(_cap(src.unsqueeze(0)), None, _cap(mask.unsqueeze(0)), _cap(_MASK0), _cap(out.unsqueeze(0)),
@@ -47,9 +42,9 @@ def _mask_into(src: torch.Tensor, mask: torch.Tensor, out: torch.Tensor) -> torc
 
 
 def prepare(weight: torch.Tensor, mask: torch.Tensor, rows: int) -> Prepared:
-    """What the calls for ``rows`` rows read: the mask, and for BLAS the masked copy."""
+    """What the calls for ``rows`` rows read: the mask, and above DIRECT_ROWS (BLAS) the masked copy."""
     mask = mask.contiguous()
-    if direct(rows):
+    if rows <= _DIRECT_ROWS:
         return Prepared(mask, None)
     w = weight.contiguous()
     return Prepared(mask, _mask_into(w, mask, torch.empty_like(w)))
@@ -81,7 +76,7 @@ def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, prepared: Prepared)
 def grad_weight(grad_out: torch.Tensor, x: torch.Tensor, prepared: Prepared,
                 with_bias: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """grad_out (M, N), x (M, K) -> (dW (N, K), exactly 0 outside the mask; dbias (N,) or None)."""
-    if not direct(grad_out.shape[0]):
+    if prepared.masked is not None:
         dw = torch.mm(grad_out.t(), x)
         return _mask_into(dw, prepared.mask, dw), (grad_out.sum(0) if with_bias else None)
     N, K = grad_out.shape[1], x.shape[1]
