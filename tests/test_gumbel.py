@@ -286,6 +286,32 @@ def test_allocation_combine_odd_shapes_and_strides(backend, dtype):
         assert_close(gz, wz, dtype, "d z")
 
 
+@pytest.mark.parametrize("backend", COMBINE_BACKENDS)
+@pytest.mark.parametrize("components", (2, 7, 8, 9, 19))
+def test_allocation_combine_component_counts(backend, components):
+    """Component counts on both sides of the cpu kernel's eight per pass (one pass, a partial one,
+    several), the last component unallocated and holding an inf: outputs (NaN where the reference's
+    0 * inf is) and d outputs as the float64 reference, d z finite where the reference's is."""
+    outputs = torch.randn(components, 2, 37, device=DEVICE)
+    outputs[-1, 1, 3] = float("inf")
+    z = (torch.arange(components, device=DEVICE) % 3 != 2).float()
+    z[0], z[-1] = 0.7, 0.0
+    outputs.requires_grad_()
+    z.requires_grad_()
+    with mtlfast.use_backend(backend):
+        out = MF.allocation_combine(outputs, z)
+    o64, z64 = outputs.detach().double().requires_grad_(), z.detach().double().requires_grad_()
+    want = allocation_combine_reference(o64, z64)
+    assert want.isnan().sum() == 1
+    assert torch.equal(out.isnan(), want.isnan())
+    assert_close(out.nan_to_num(), want.nan_to_num(), torch.float32, "combine")
+    grad = torch.randn_like(out)
+    gout, gz = torch.autograd.grad(out, (outputs, z), grad)
+    wout, wz = torch.autograd.grad(want, (o64, z64), grad.double())
+    assert_close(gout, wout, torch.float32, "d outputs")
+    assert torch.equal(gz.isfinite(), wz.isfinite())
+
+
 @pytest.mark.parametrize("backend", backend_params(DEVICE, ("cpu",)))
 def test_allocation_combine_gradcheck(backend):
     outputs = torch.randn(4, 3, 7, device=DEVICE, dtype=torch.float64, requires_grad=True)

@@ -367,9 +367,10 @@ def _combine_backward_kernel(grad_ptr, outputs_ptr, z_ptr, doutputs_ptr, part_pt
         o = tl.load(outputs_ptr + offs_c, mask=mask_c, other=0.0).to(tl.float32)
         acc += o * g[None, :]
     a = tl.sum(acc, axis=1)
-    # the clamp's gradient reaches S only where S >= 1 (torch's clamp passes it at the bound)
-    through = tl.where(s >= 1.0, 1.0, 0.0)
-    dz = a / m - through * tl.sum(z * a, axis=0) / (m * m)
+    # the clamp's gradient reaches S only where S >= 1 (torch's clamp passes it at the bound); a
+    # where, not a product with 0, so a non-finite Σ z_c A_c stays out of dz below the bound
+    through = tl.where(s >= 1.0, tl.sum(z * a, axis=0) / (m * m), 0.0)
+    dz = a / m - through
     c = tl.arange(0, C_P)
     tl.store(part_ptr + pid * COMPONENTS + c, dz, mask=c < COMPONENTS)
 
