@@ -137,6 +137,14 @@ def _round(x: float) -> int:
     return math.floor(x + 0.5 + 1e-9)
 
 
+def _whole(t: Tensor) -> Tensor:
+    """A parameter's whole value. Under FSDP2 a parameter is a DTensor shard outside its module's
+    forward: its full_tensor() gathers it (a collective, made by every rank at the same point, as
+    every step of IMP is); any other tensor is itself."""
+    full_tensor = getattr(t, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else t
+
+
 def _kept(masks: Mapping[str, Tensor], names: Sequence[str]) -> int:
     return sum(int(masks[n].sum()) for n in names)
 
@@ -213,7 +221,8 @@ def magnitude_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], f
             raise TypeError(f"{op}: argument 'params' must hold floating-point tensors, got {got} for {key!r}")
     masks = _mask_dict(op, "masks", masks, {k: p.shape for k, p in params.items()})
     units = _units(list(masks), scope)
-    return _prune_counts(params, masks, units, [_round(fraction * _kept(masks, u)) for u in units])
+    whole = {k: _whole(p) for k, p in params.items()}
+    return _prune_counts(whole, masks, units, [_round(fraction * _kept(masks, u)) for u in units])
 
 
 def prune_rate(final_density: float, rounds: int) -> float:
@@ -460,7 +469,7 @@ def _imp(op: str, model: torch.nn.Module, task: int, train_fn: TrainFn, eval_fn:
         counts = schedule.counts(k + 1, [_kept(masks, u) for u in units], start, ratio)
         if schedule.rate is not None and sum(counts) == 0:
             break  # nothing left to remove at this rate: every later round would be the same
-        masks = _prune_counts({n: params[n] for n in names}, masks, units, counts)
+        masks = _prune_counts({n: _whole(params[n]) for n in names}, masks, units, counts)
         k += 1
     rewind(model)
     set_task_masks(model, task, select_best(history).masks)
@@ -597,7 +606,7 @@ def sparse_sharing_masks(
     mask_names = _mask_names(model, names)
     if reset_masks:
         params = dict(model.named_parameters())
-        full = {n: torch.ones_like(params[n], dtype=torch.bool) for n in mask_names}
+        full = {n: torch.ones(params[n].shape, dtype=torch.bool, device=params[n].device) for n in mask_names}
         for t in range(model.num_tasks):
             set_task_masks(model, t, full)
     if warmup_fn is not None:

@@ -49,6 +49,8 @@ SLOW_MODULES = {
     "test_example_sparse_sharing": "a reduced run of the paper's experiment (examples/)",
     "test_build": "configures and builds the native module with CMake in a subprocess",
     "test_gpu_check": "make gpu-check's dry run in subprocesses (1-3 min)",
+    "test_distributed": "2-rank DDP and FSDP2 runs in worker subprocesses (about 15 s)",
+    "test_example_ddp": "the DDP example under torchrun, 2 ranks and 1 (about 25 s)",
 }
 
 SLOW_TESTS = {

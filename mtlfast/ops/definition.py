@@ -161,6 +161,7 @@ class OpDefinition:
     def __call__(self, backend: str, *args):
         """Runs the op's kernels on ``backend`` (not "reference"): the custom op while torch.compile
         traces, else the eager autograd Function. One tensor, or a tuple of ``num_outputs``."""
+        _checks.local_tensors(self.name, self.params, args)
         if torch.compiler.is_compiling():
             outs = getattr(torch.ops.mtlfast, self.name)(*args, backend)
             if self.num_outputs + self.num_saved == 1:
