@@ -36,6 +36,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=cases.DTYPES, help="default: bfloat16 on cuda, float32 on cpu")
     parser.add_argument("--out", type=Path, default=HERE / "out", help="output folder (default: bench/out)")
     parser.add_argument("--quick", action="store_true", help="few short rounds (for tests)")
+    parser.add_argument("--slices", type=int, default=None, metavar="N",
+                        help="measure each case in N slices of its time, the providers of a workload and mode "
+                             "taking turns (default: 4 on cpu, 1 on cuda and with --quick)")
     parser.add_argument("--list", action="store_true", help="list workloads and providers, then exit")
     return parser.parse_args(argv)
 
@@ -49,7 +52,8 @@ def pytest_args(ns: argparse.Namespace) -> list[str]:
     args += [f"--bench-provider={p}" for p in ns.provider]
     args += [f"--bench-mode={m}" for m in ns.mode]
     args += [f"--bench-skip={s}" for s in ns.skip]
-    args += [f"--bench-{k}={v}" for k, v in (("device", ns.device), ("dtype", ns.dtype)) if v]
+    args += [f"--bench-{k}={v}" for k, v in (("device", ns.device), ("dtype", ns.dtype), ("slices", ns.slices))
+             if v is not None]
     return args + ["--bench-quick"] * ns.quick
 
 
@@ -71,7 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cases.select(cases.Settings.make(device=ns.device, dtype=ns.dtype, workloads=tuple(ns.workload),
                                          providers=tuple(ns.provider), modes=tuple(ns.mode),
-                                         skips=tuple(ns.skip)))
+                                         skips=tuple(ns.skip), slices=ns.slices, quick=ns.quick))
     except ValueError as exc:
         print(f"python -m bench: {exc}", file=sys.stderr)
         return 2

@@ -21,6 +21,12 @@ def default_dtype(device: str) -> str:
     return "bfloat16" if device == "cuda" else "float32"
 
 
+def default_slices(device: str, quick: bool) -> int:
+    """4 on a CPU (a shared host's speed drifts over seconds, by up to 2x); 1 on CUDA (kernel time
+    by CUDA events does not drift so) and in quick runs."""
+    return 4 if device == "cpu" and not quick else 1
+
+
 @dataclass(frozen=True)
 class Settings:
     """What one benchmark run covers and how long it measures."""
@@ -33,12 +39,19 @@ class Settings:
     modes: tuple[str, ...] = ()
     seed: int = 0
     skips: tuple[str, ...] = ()  # "WHAT/PROVIDER[=REASON]": see parse_skip
+    # Each case measured in this many slices of its time budget, the providers of a workload and
+    # mode taking turns slice by slice: a machine whose speed drifts over seconds (a shared CPU
+    # host) then slows every provider of a row alike, instead of whichever ran during the slow spell.
+    slices: int = 1
 
     @classmethod
-    def make(cls, device: str | None = None, dtype: str | None = None, **kwargs: object) -> "Settings":
-        """Settings with the device and dtype defaults filled in."""
+    def make(cls, device: str | None = None, dtype: str | None = None, slices: int | None = None,
+             **kwargs: object) -> "Settings":
+        """Settings with the device, dtype and slices defaults filled in."""
         device = device or default_device()
-        return cls(device=device, dtype=dtype or default_dtype(device), **kwargs)
+        if slices is None:
+            slices = default_slices(device, bool(kwargs.get("quick")))
+        return cls(device=device, dtype=dtype or default_dtype(device), slices=slices, **kwargs)
 
     @property
     def torch_device(self) -> torch.device:
@@ -56,10 +69,13 @@ class Case:
     workload: Workload
     mode: str
     provider: str
+    slice: int = 0      # which of ``slices`` turns of the provider this is
+    slices: int = 1
 
     @property
     def id(self) -> str:
-        return f"{self.workload.key}/{self.mode}/{self.provider}"
+        turn = f"/slice{self.slice + 1}of{self.slices}" if self.slices > 1 else ""
+        return f"{self.workload.key}/{self.mode}/{self.provider}{turn}"
 
 
 def _pick(wanted: tuple[str, ...], valid: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -94,7 +110,8 @@ def _apply_skips(workloads: list[Workload], settings: Settings) -> list[Workload
 
 
 def select(settings: Settings) -> list[Case]:
-    """The cases of ``settings``, grouped by workload and mode, eager first.
+    """The cases of ``settings``, grouped by workload and mode, eager first; with ``slices`` > 1
+    each group runs its providers in turn, ``slices`` times.
 
     Naming providers keeps the baselines (the op's eager, and dense where it has one) that the
     derived numbers divide by; each workload gets the providers its op has.
@@ -114,4 +131,7 @@ def select(settings: Settings) -> list[Case]:
             spec = registry.op(w.op)
             wanted = set(settings.providers) | set(providers.always_run(spec))
             per_op[w.op] = tuple(p for p in providers.names(spec) if not settings.providers or p in wanted)
-    return [Case(w, m, p) for w in workloads for m in modes for p in per_op[w.op]]
+    if isinstance(settings.slices, bool) or not isinstance(settings.slices, int) or settings.slices < 1:
+        raise ValueError(f"slices must be an int >= 1, got {settings.slices!r}")
+    n = settings.slices
+    return [Case(w, m, p, k, n) for w in workloads for m in modes for k in range(n) for p in per_op[w.op]]

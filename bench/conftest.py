@@ -25,6 +25,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--bench-device", default=None, help="cpu or cuda (default: cuda if available)")
     group.addoption("--bench-dtype", default=None, help="float32, bfloat16, float16 (default: bf16 on cuda, fp32 on cpu)")
     group.addoption("--bench-quick", action="store_true", help="few short rounds (tests)")
+    group.addoption("--bench-slices", type=int, default=None,
+                    help="measure each case in N slices, a row's providers taking turns (default: 4 on cpu, 1 on cuda)")
     group.addoption("--bench-jsonl", default=None, help="write the result records here")
 
 
@@ -34,7 +36,7 @@ def settings_from(config: pytest.Config) -> cases.Settings:
     return cases.Settings.make(device=opt("--bench-device"), dtype=opt("--bench-dtype"),
                                quick=opt("--bench-quick"), workloads=tuple(opt("--bench-workload")),
                                providers=tuple(opt("--bench-provider")), modes=tuple(opt("--bench-mode")),
-                               skips=tuple(opt("--bench-skip")))
+                               skips=tuple(opt("--bench-skip")), slices=opt("--bench-slices"))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -78,6 +78,8 @@ class Runner:
         self.machine = machine.measure(settings.torch_dtype, settings.quick) if self.device.type == "cpu" else None
         self.records: list[dict[str, Any]] = []
         self._eager: tuple[tuple, Result] | None = None  # one slot: cases come grouped
+        # a sliced case's record so far (its place in records) and its samples per clock
+        self._sliced: dict[tuple, tuple[int, dict[str, list[float]]]] = {}
 
     def _expected(self, case: Case, spec: registry.OpBench, args: tuple) -> Result:
         """Eager's result on the same inputs (computed once per workload and mode). In float16 /
@@ -94,23 +96,63 @@ class Runner:
         return self._eager[1]
 
     def run(self, case: Case, benchmark: Any) -> dict[str, Any]:
-        """Measure ``case`` (timing through the pytest-benchmark ``benchmark`` fixture)."""
-        record = self._run(case, benchmark)
-        self.records.append(record)
+        """Measure ``case`` (timing through the pytest-benchmark ``benchmark`` fixture). The slices
+        of a case after its first add their samples to the first one's record."""
+        key = (case.workload.key, case.mode, case.provider)
+        if case.slice == 0:
+            record, samples = self._run(case, benchmark)
+            self.records.append(record)
+            self._sliced[key] = (len(self.records) - 1, samples)
+            return record
+        place, samples = self._sliced[key]
+        first = self.records[place]
+        if first["status"] != "ok":   # reported once, by the first slice
+            return records.not_run(dict(first), "skipped", f"its first slice: {first['status']}")
+        record = self._more(case, benchmark, first, samples)
+        self.records[place] = record
         return record
 
-    def _run(self, case: Case, benchmark: Any) -> dict[str, Any]:
+    def _more(self, case: Case, benchmark: Any, first: dict[str, Any], samples: dict[str, list[float]]
+              ) -> dict[str, Any]:
+        """A later slice: the same provider on the same inputs, warm, checked already; its samples
+        join the earlier slices' in one record."""
+        s, w = self.settings, case.workload
+        spec = registry.op(w.op)
+        args = spec.make_inputs(w.params, self.device, s.torch_dtype, case.mode != "fwd", s.seed)
+        built = providers.build(case.provider, spec, args, self.device)
+        step = make_step(built.fn, args, case.mode, s.seed)
+        benchmark.group = f"{w.key}/{case.mode}"
+        benchmark.extra_info.update(op=w.op, workload=w.name, mode=case.mode, provider=case.provider,
+                                    dtype=s.dtype, device=s.device, slice=case.slice)
+        record = records.base(op=w.op, workload=w.name, mode=case.mode, provider=case.provider,
+                              params=w.params, dtype=s.dtype, env=self.env)
+        try:
+            with built.context():
+                _, first_s = self.timer.timed_call(step)
+                per_call = self.timer.warm_up(step, spent_s=self.timer.plan.warmup_s, last_s=first_s)
+                more = self.timer.measure(step, benchmark, per_call, share=1 / case.slices)
+        except Exception as exc:  # the provider ran in its first slice: an error now is reported as one
+            return records.not_run(record, "error", f"slice {case.slice + 1}: {type(exc).__name__}: {exc}")
+        for clock, values in more.items():
+            samples[clock].extend(values)
+        return records.measured(record, samples=samples, clock=self.timer.primary_clock,
+                                flops=spec.flops(w.params, case.mode), nbytes=first["bytes"], peak=self.peak,
+                                rel_err=first["rel_err"], note=first["note"], launches=first["launches"],
+                                launch_kind=first["launch_kind"], machine=self.machine)
+
+    def _run(self, case: Case, benchmark: Any) -> tuple[dict[str, Any], dict[str, list[float]]]:
+        """(record, samples per clock) of a case's first slice."""
         s, w = self.settings, case.workload
         record = records.base(op=w.op, workload=w.name, mode=case.mode, provider=case.provider,
                               params=w.params, dtype=s.dtype, env=self.env)
         reason = w.unsupported_reason(self.device.type, case.provider)
         if reason:
-            return records.not_run(record, "skipped", reason)
+            return records.not_run(record, "skipped", reason), {}
         spec = registry.op(w.op)
         args = spec.make_inputs(w.params, self.device, s.torch_dtype, case.mode != "fwd", s.seed)
         built = providers.build(case.provider, spec, args, self.device)
         if built.reason:
-            return records.not_run(record, "skipped", built.reason)
+            return records.not_run(record, "skipped", built.reason), {}
         step = make_step(built.fn, args, case.mode, s.seed)
         benchmark.group = f"{w.key}/{case.mode}"
         benchmark.extra_info.update(op=w.op, workload=w.name, mode=case.mode,
@@ -128,11 +170,11 @@ class Runner:
                 elif built.checked:
                     rel_err = check.verify(result[0] + result[1], expected[0] + expected[1], s.torch_dtype)
                 per_call = self.timer.warm_up(step, spent_s=first_s, last_s=first_s)
-                samples = self.timer.measure(step, benchmark, per_call)
+                samples = self.timer.measure(step, benchmark, per_call, share=1 / case.slices)
                 launch_count, launch_kind = launches(step, self.device)
         except Exception as exc:  # a failing provider is an error record, the run goes on
-            return records.not_run(record, "error", f"{type(exc).__name__}: {exc}")
+            return records.not_run(record, "error", f"{type(exc).__name__}: {exc}"), {}
         return records.measured(record, samples=samples, clock=self.timer.primary_clock,
                                 flops=spec.flops(w.params, case.mode), nbytes=io_bytes(args, result),
                                 peak=self.peak, rel_err=rel_err, note=note,
-                                launches=launch_count, launch_kind=launch_kind, machine=self.machine)
+                                launches=launch_count, launch_kind=launch_kind, machine=self.machine), samples

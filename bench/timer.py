@@ -68,10 +68,10 @@ class Timer:
             spent_s, calls = spent_s + last_s, calls + 1
         return last_s
 
-    def rounds(self, per_call_s: float) -> int:
-        """Rounds that fill the budget at ``per_call_s``, within the plan's limits."""
-        wanted = math.ceil(self.plan.budget_s / max(per_call_s, 1e-9))
-        return max(self.plan.min_rounds, min(self.plan.max_rounds, wanted))
+    def rounds(self, per_call_s: float, share: float = 1.0) -> int:
+        """Rounds that fill ``share`` of the budget (and of the round limits) at ``per_call_s``."""
+        wanted = math.ceil(share * self.plan.budget_s / max(per_call_s, 1e-9))
+        return max(math.ceil(share * self.plan.min_rounds), min(math.ceil(share * self.plan.max_rounds), wanted))
 
     def wall(self, step: Callable[[], Any], benchmark: Any, rounds: int) -> list[float]:
         """Per-call wall seconds, measured by the pytest-benchmark fixture."""
@@ -98,9 +98,11 @@ class Timer:
         self.sync()
         return [start.elapsed_time(end) / 1e3 for start, end in zip(starts, ends)]
 
-    def measure(self, step: Callable[[], Any], benchmark: Any, per_call_s: float) -> dict[str, list[float]]:
-        """Samples per clock: ``wall`` always, ``cuda_event`` on CUDA."""
-        rounds = self.rounds(per_call_s)
+    def measure(self, step: Callable[[], Any], benchmark: Any, per_call_s: float,
+                share: float = 1.0) -> dict[str, list[float]]:
+        """Samples per clock: ``wall`` always, ``cuda_event`` on CUDA; ``share``: this slice's part
+        of the budget."""
+        rounds = self.rounds(per_call_s, share)
         samples = {WALL: self.wall(step, benchmark, rounds)}
         if self.cuda:
             samples[CUDA_EVENT] = self.cuda_events(step, rounds)

@@ -205,8 +205,49 @@ def test_wrong_result_is_an_error_not_a_time(monkeypatch: pytest.MonkeyPatch) ->
     assert rec["median_s"] is None
 
 
+class _Pedantic(types.SimpleNamespace):
+    """The pytest-benchmark fixture's part the timer uses: pedantic calls, their samples."""
+
+    def pedantic(self, call, rounds, iterations, warmup_rounds):
+        self.stats = types.SimpleNamespace(stats=types.SimpleNamespace(data=[]))
+        for _ in range(rounds):
+            call()
+            self.stats.stats.data.append(1e-3)
+
+
+def test_slices_take_turns_and_join_into_one_record() -> None:
+    """With slices, a row's providers take turns slice by slice (the ids say which), and a case's
+    slices end as one record holding every slice's samples; a provider that cannot run is reported
+    once. CPU default: 4 slices; quick runs and CUDA: 1."""
+    assert cases.Settings.make(device="cpu").slices == 4
+    assert cases.Settings.make(device="cpu", quick=True).slices == 1
+    with pytest.raises(ValueError, match="slices"):
+        cases.select(cases.Settings.make(device="cpu", workloads=("tiny",), slices=0))
+    settings = cases.Settings.make(device="cpu", workloads=("tiny",), quick=True, slices=3, modes=("fwd",),
+                                   providers=("reference", "cuda"))
+    selected = cases.select(settings)
+    order = [(c.provider, c.slice) for c in selected]
+    per_slice = ["eager", "dense", "reference", "cuda"]
+    assert order == [(p, k) for k in range(3) for p in per_slice]
+    assert selected[0].id.endswith("/eager/slice1of3")
+    runner = Runner(settings)
+    timed: dict = {}
+    for case in selected:
+        fixture = _Pedantic(group=None, extra_info={})
+        runner.run(case, fixture)
+        if hasattr(fixture, "stats"):
+            timed.setdefault(case.provider, []).append(len(fixture.stats.stats.data))
+    assert [(r["provider"], r["status"]) for r in runner.records] == [
+        ("eager", "ok"), ("dense", "ok"), ("reference", "ok"), ("cuda", "skipped")]
+    assert sorted(timed) == ["dense", "eager", "reference"]
+    for r in runner.records[:3]:
+        assert len(timed[r["provider"]]) == 3 and min(timed[r["provider"]]) >= 1
+        assert r["rounds"] == sum(timed[r["provider"]])        # every slice's samples in the one record
+        assert r["median_s"] == pytest.approx(1e-3)            # the fake fixture's 1 ms
+
+
 def test_selection_keeps_baselines_and_rejects_unknown_names(capsys: pytest.CaptureFixture[str]) -> None:
-    settings = cases.Settings.make(device="cpu", workloads=("tiny",), providers=("triton",))
+    settings = cases.Settings.make(device="cpu", workloads=("tiny",), providers=("triton",), slices=1)
     assert [c.provider for c in cases.select(settings) if c.mode == "fwd"] == ["eager", "dense", "triton"]
     gemm = [w for w in cases.registry.workloads() if w.name == "gemm-4096"][0]
     assert gemm.unsupported_reason("cpu") and gemm.unsupported_reason("cuda") is None
@@ -285,11 +326,11 @@ def test_masked_lstm_providers_agree_and_share_the_weights() -> None:
 
 def test_masked_lstm_selection_and_skips() -> None:
     settings = cases.Settings.make(device="cpu", workloads=("tiny", "lstm-tiny"), providers=("eager-lstm",),
-                                   modes=("fwd",))
+                                   modes=("fwd",), slices=1)
     assert [(c.workload.op, c.provider) for c in cases.select(settings)] == [
         ("masked_linear", "eager"), ("masked_linear", "dense"),
         ("masked_lstm", "eager-loop"), ("masked_lstm", "eager-lstm")]
-    every = cases.select(cases.Settings.make(device="cpu", workloads=("lstm-tiny",), modes=("fwd",)))
+    every = cases.select(cases.Settings.make(device="cpu", workloads=("lstm-tiny",), modes=("fwd",), slices=1))
     assert [c.provider for c in every][:3] == ["eager-loop", "eager-lstm", "compile"]
     assert "dense" not in [c.provider for c in every]
     by_name = {w.name: w for w in cases.registry.workloads() if w.op == "masked_lstm"}
