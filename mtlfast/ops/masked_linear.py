@@ -138,8 +138,10 @@ def masked_linear(x: torch.Tensor, weight: torch.Tensor, mask: torch.Tensor,
     backend = MASKED_LINEAR.select(x, weight, mask, bias)
     if backend == "reference" or not (x.numel() and weight.numel()):
         return masked_linear_reference(x, weight, mask, bias)
-    lead = x.shape[:-1]
-    x2d = x.reshape(lead.numel(), x.shape[-1])  # explicit rows: -1 is ambiguous when K == 0
     if bias is not None:
         bias = bias.contiguous()  # kernels index bias with unit stride; N elements, free when already so
+    if x.dim() == 2:        # no reshape either way: each is an autograd node, ~2 µs of a small call
+        return MASKED_LINEAR(backend, x, weight, mask, bias)
+    lead = x.shape[:-1]
+    x2d = x.reshape(lead.numel(), x.shape[-1])  # explicit rows: -1 is ambiguous when K == 0
     return MASKED_LINEAR(backend, x2d, weight, mask, bias).reshape(*lead, weight.shape[0])
