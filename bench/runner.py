@@ -108,40 +108,15 @@ class Runner:
         first = self.records[place]
         if first["status"] != "ok":   # reported once, by the first slice
             return records.not_run(dict(first), "skipped", f"its first slice: {first['status']}")
-        record = self._more(case, benchmark, first, samples)
+        record, _ = self._run(case, benchmark, earlier=(first, samples))
         self.records[place] = record
         return record
 
-    def _more(self, case: Case, benchmark: Any, first: dict[str, Any], samples: dict[str, list[float]]
-              ) -> dict[str, Any]:
-        """A later slice: the same provider on the same inputs, warm, checked already; its samples
-        join the earlier slices' in one record."""
-        s, w = self.settings, case.workload
-        spec = registry.op(w.op)
-        args = spec.make_inputs(w.params, self.device, s.torch_dtype, case.mode != "fwd", s.seed)
-        built = providers.build(case.provider, spec, args, self.device)
-        step = make_step(built.fn, args, case.mode, s.seed)
-        benchmark.group = f"{w.key}/{case.mode}"
-        benchmark.extra_info.update(op=w.op, workload=w.name, mode=case.mode, provider=case.provider,
-                                    dtype=s.dtype, device=s.device, slice=case.slice)
-        record = records.base(op=w.op, workload=w.name, mode=case.mode, provider=case.provider,
-                              params=w.params, dtype=s.dtype, env=self.env)
-        try:
-            with built.context():
-                _, first_s = self.timer.timed_call(step)
-                per_call = self.timer.warm_up(step, spent_s=self.timer.plan.warmup_s, last_s=first_s)
-                more = self.timer.measure(step, benchmark, per_call, share=1 / case.slices)
-        except Exception as exc:  # the provider ran in its first slice: an error now is reported as one
-            return records.not_run(record, "error", f"slice {case.slice + 1}: {type(exc).__name__}: {exc}")
-        for clock, values in more.items():
-            samples[clock].extend(values)
-        return records.measured(record, samples=samples, clock=self.timer.primary_clock,
-                                flops=spec.flops(w.params, case.mode), nbytes=first["bytes"], peak=self.peak,
-                                rel_err=first["rel_err"], note=first["note"], launches=first["launches"],
-                                launch_kind=first["launch_kind"], machine=self.machine)
-
-    def _run(self, case: Case, benchmark: Any) -> tuple[dict[str, Any], dict[str, list[float]]]:
-        """(record, samples per clock) of a case's first slice."""
+    def _run(self, case: Case, benchmark: Any, earlier: tuple[dict[str, Any], dict[str, list[float]]] | None = None
+             ) -> tuple[dict[str, Any], dict[str, list[float]]]:
+        """(record, samples per clock) of one slice of ``case``. ``earlier``: the first slice's record
+        and every slice's samples so far, for a later slice: the provider was checked, warmed up and
+        its launches counted then, so this slice only calls it a few times before adding its samples."""
         s, w = self.settings, case.workload
         record = records.base(op=w.op, workload=w.name, mode=case.mode, provider=case.provider,
                               params=w.params, dtype=s.dtype, env=self.env)
@@ -155,25 +130,35 @@ class Runner:
             return records.not_run(record, "skipped", built.reason), {}
         step = make_step(built.fn, args, case.mode, s.seed)
         benchmark.group = f"{w.key}/{case.mode}"
-        benchmark.extra_info.update(op=w.op, workload=w.name, mode=case.mode,
-                                    provider=case.provider, dtype=s.dtype, device=s.device)
+        benchmark.extra_info.update(op=w.op, workload=w.name, mode=case.mode, provider=case.provider,
+                                    dtype=s.dtype, device=s.device, slice=case.slice)
         own_oracle = case.provider == spec.eager_name and s.torch_dtype not in LOW_PRECISION
-        expected = None if own_oracle else self._expected(case, spec, args)
+        expected = None if own_oracle or earlier else self._expected(case, spec, args)
         try:
             with built.context():
                 result, first_s = self.timer.timed_call(step)
-                if expected is None:
-                    expected, self._eager = result, ((w.key, case.mode), result)
-                rel_err, note = None, None
-                if spec.random:  # different random streams: a statistic of the sample, if any
-                    note = check.sample_note(spec.sample_check, args, result[0])
-                elif built.checked:
-                    rel_err = check.verify(result[0] + result[1], expected[0] + expected[1], s.torch_dtype)
-                per_call = self.timer.warm_up(step, spent_s=first_s, last_s=first_s)
-                samples = self.timer.measure(step, benchmark, per_call, share=1 / case.slices)
-                launch_count, launch_kind = launches(step, self.device)
+                if earlier:
+                    first, samples = earlier
+                    rel_err, note = first["rel_err"], first["note"]
+                    launch_count, launch_kind = first["launches"], first["launch_kind"]
+                    spent_s = self.timer.plan.warmup_s     # warm already: only the plan's fewest calls
+                else:
+                    samples, spent_s = {}, first_s
+                    if expected is None:
+                        expected, self._eager = result, ((w.key, case.mode), result)
+                    rel_err, note = None, None
+                    if spec.random:  # different random streams: a statistic of the sample, if any
+                        note = check.sample_note(spec.sample_check, args, result[0])
+                    elif built.checked:
+                        rel_err = check.verify(result[0] + result[1], expected[0] + expected[1], s.torch_dtype)
+                per_call = self.timer.warm_up(step, spent_s=spent_s, last_s=first_s)
+                for clock, values in self.timer.measure(step, benchmark, per_call, share=1 / case.slices).items():
+                    samples.setdefault(clock, []).extend(values)
+                if not earlier:
+                    launch_count, launch_kind = launches(step, self.device)
         except Exception as exc:  # a failing provider is an error record, the run goes on
-            return records.not_run(record, "error", f"{type(exc).__name__}: {exc}"), {}
+            where = f"slice {case.slice + 1}: " if earlier else ""
+            return records.not_run(record, "error", f"{where}{type(exc).__name__}: {exc}"), {}
         return records.measured(record, samples=samples, clock=self.timer.primary_clock,
                                 flops=spec.flops(w.params, case.mode), nbytes=io_bytes(args, result),
                                 peak=self.peak, rel_err=rel_err, note=note,

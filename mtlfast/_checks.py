@@ -39,7 +39,6 @@ def tensor(op: str, name: str, value: object, *, ndim: Optional[int] = None,
     """Checks that ``value`` is a tensor of the given rank and dtype; returns it."""
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{op}: argument '{name}' must be a torch.Tensor, got {type(value).__name__}")
-    local(op, name, value)
     if dtypes is not None and value.dtype not in dtypes:
         expected = " or ".join(_dtype_name(d) for d in dtypes)
         raise TypeError(f"{op}: argument '{name}' must have dtype {expected}, got {_dtype_name(value.dtype)}")
@@ -51,33 +50,19 @@ def tensor(op: str, name: str, value: object, *, ndim: Optional[int] = None,
     return value
 
 
-def _dtensor_type() -> Optional[type]:
-    # no DTensor exists before torch.distributed.tensor is imported, so nothing is imported here
-    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
-
-
-def _not_local(op: str, name: str) -> TypeError:
-    return TypeError(f"{op}: argument '{name}' must be a local tensor, got a DTensor; under FSDP2 "
-                     "(fully_shard) a module's parameters are gathered only in its forward (and until the "
-                     "backward with reshard_after_forward=False): call mtlfast ops and methods such as "
-                     "orthogonality_penalty() there, or pass .full_tensor()")
-
-
-def local(op: str, name: str, value: torch.Tensor) -> None:
-    """Refuses a DTensor: a shard of a distributed tensor, whose storage the kernels cannot read."""
-    dtensor = _dtensor_type()
-    if dtensor is not None and isinstance(value, dtensor):
-        raise _not_local(op, name)
-
-
 def local_tensors(op: str, params: Sequence[Tuple[str, str]], args: Sequence[object]) -> None:
-    """:func:`local` for every argument of an op's schema (``params``: (kind, name) pairs)."""
-    dtensor = _dtensor_type()
+    """Refuses a DTensor among an op's arguments (``params``: its schema's (kind, name) pairs): a
+    shard of a distributed tensor, whose storage the kernels cannot read. Nothing to check, and
+    nothing imported, until torch.distributed.tensor has been imported."""
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
     if dtensor is None:
         return
     for (_, name), value in zip(params, args):
         if isinstance(value, dtensor):
-            raise _not_local(op, name)
+            raise TypeError(f"{op}: argument '{name}' must be a local tensor, got a DTensor; under FSDP2 "
+                            "(fully_shard) a module's parameters are gathered only in its forward (and until "
+                            "the backward with reshard_after_forward=False): call mtlfast ops and methods such "
+                            "as orthogonality_penalty() there, or pass .full_tensor()")
 
 
 def same_dtype(op: str, ref_name: str, ref: torch.Tensor, name: str, value: torch.Tensor) -> None:

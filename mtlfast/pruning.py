@@ -172,6 +172,7 @@ def _prune_unit(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], names
 
 def _prune_counts(params: Mapping[str, Tensor], masks: Mapping[str, Tensor],
                   units: Sequence[Sequence[str]], counts: Sequence[int]) -> dict[str, Tensor]:
+    params = {n: _whole(params[n]) for n in masks}
     out: dict[str, Tensor] = {}
     for unit, count in zip(units, counts):
         _prune_unit(params, masks, unit, count, out)
@@ -221,8 +222,7 @@ def magnitude_masks(params: Mapping[str, Tensor], masks: Mapping[str, Tensor], f
             raise TypeError(f"{op}: argument 'params' must hold floating-point tensors, got {got} for {key!r}")
     masks = _mask_dict(op, "masks", masks, {k: p.shape for k, p in params.items()})
     units = _units(list(masks), scope)
-    whole = {k: _whole(p) for k, p in params.items()}
-    return _prune_counts(whole, masks, units, [_round(fraction * _kept(masks, u)) for u in units])
+    return _prune_counts(params, masks, units, [_round(fraction * _kept(masks, u)) for u in units])
 
 
 def prune_rate(final_density: float, rounds: int) -> float:
@@ -469,7 +469,7 @@ def _imp(op: str, model: torch.nn.Module, task: int, train_fn: TrainFn, eval_fn:
         counts = schedule.counts(k + 1, [_kept(masks, u) for u in units], start, ratio)
         if schedule.rate is not None and sum(counts) == 0:
             break  # nothing left to remove at this rate: every later round would be the same
-        masks = _prune_counts({n: _whole(params[n]) for n in names}, masks, units, counts)
+        masks = _prune_counts({n: params[n] for n in names}, masks, units, counts)
         k += 1
     rewind(model)
     set_task_masks(model, task, select_best(history).masks)
