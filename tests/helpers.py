@@ -51,6 +51,15 @@ def assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dtyp
                                msg=lambda m: f"{what} ({dtype}): {m}")
 
 
+def round_as_triton(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """fp32 -> dtype as a Triton kernel's ``.to(dtype)`` rounds: to nearest on a GPU; Triton's
+    interpreter truncates fp32 -> bf16 (its _convert_float without a rounding mode; fp16 goes
+    through NumPy, to nearest). For references of kernels that round an fp32 operand in registers."""
+    if dtype == torch.bfloat16 and backends.triton_interpreter_enabled():
+        return (t.float().view(torch.int32) & -65536).view(torch.float32).to(dtype)
+    return t.to(dtype)
+
+
 def compare_with_reference(fn: Callable[..., torch.Tensor], reference: Callable[..., torch.Tensor],
                            inputs: Sequence[object], dtype: torch.dtype) -> None:
     """Runs ``fn`` on ``inputs`` and ``reference`` on float64 copies of them; compares the outputs

@@ -30,7 +30,7 @@ from mtlfast.ops.sluice import (alpha_mix_reference, layer_mix_reference,  # noq
                                 orthogonality_penalty_reference)
 from mtlfast.triton_kernels import gumbel, masked_gemm, masked_lstm, masked_lstm_sequence, sluice  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from tests.helpers import assert_close, round_as_triton  # noqa: E402
 from tests.test_triton_masked_lstm import (backward_recurrence_case, gemm_inputs, masked_weights,  # noqa: E402
                                            oracle_forward, recurrence_inputs)
 
@@ -120,33 +120,43 @@ GEMM = (3, 37, 70, 45, 2, 2)        # (G, R, K, N, S, P): three mask words, K an
 def case_grouped_forward():
     G, R, Kdim, N, S, P = GEMM
     x, weight, m, wi, mi = gemm_inputs(*GEMM, BF16)
-    bias = torch.randn(G, N, device=DEVICE)
-    out = masked_gemm.grouped_masked_matmul(x, weight, wi, pack_mask(m), mi, bias, out_dtype=F32)
+    # as the masked LSTM projects: an fp32 result plus b_ih and b_hh, a row per weight set
+    b_ih, b_hh = torch.randn(S, N, device=DEVICE).to(BF16), torch.randn(S, N, device=DEVICE).to(BF16)
+    out = masked_gemm.grouped_masked_matmul(x, weight, wi, pack_mask(m), mi, biases=(b_ih, b_hh), out_dtype=F32)
     for g, w in enumerate(masked_weights(weight, wi, m, mi)):
-        close(out[g], x[g].double() @ w.T + bias[g].double(), BF16)
+        close(out[g], x[g].double() @ w.T + b_ih[wi[g]].double() + b_hh[wi[g]].double(), BF16)
 
 
 def case_grouped_grad_input():
+    """Two launches: masked_linear's (dy in the weights' bf16) and the masked LSTM's (fp32 dgates,
+    rounded to bf16 in registers; staged in fp32, so the prune keeps fewer candidates for it)."""
     G, R, Kdim, N, S, P = GEMM
     _, weight, m, wi, mi = gemm_inputs(*GEMM, BF16)
-    dy = torch.randn(G, R, N, device=DEVICE).to(BF16)
-    dx = masked_gemm.grouped_masked_matmul_grad_input(dy, weight, wi, pack_mask(m), mi)
-    for g, w in enumerate(masked_weights(weight, wi, m, mi)):
-        close(dx[g], dy[g].double() @ w, BF16)
+    for dy_dtype in (BF16, F32):
+        dy = torch.randn(G, R, N, device=DEVICE).to(dy_dtype)
+        dx = masked_gemm.grouped_masked_matmul_grad_input(dy, weight, wi, pack_mask(m), mi)
+        assert dx.dtype == BF16
+        for g, w in enumerate(masked_weights(weight, wi, m, mi)):
+            close(dx[g], round_as_triton(dy[g], BF16).double() @ w, BF16)
 
 
 def case_grouped_grad_weight():
+    """Two launches: masked_linear's (bf16 dy and x) and the masked LSTM's dW_hh (fp32 dgates and
+    h, both rounded to bf16 in registers)."""
     G, R, Kdim, N, S, P = GEMM
-    x, _, m, _, mi = gemm_inputs(*GEMM, BF16, shared_x=True)
-    dy = torch.randn(G, R, N, device=DEVICE).to(BF16)
-    dw, dbias = masked_gemm.grouped_masked_matmul_grad_weight(dy, x, pack_mask(m), mi, with_bias=True)
-    for g in range(G):
-        full = dy[g].double().T @ x[g].double()
-        if mi[g] >= 0:
-            assert torch.all(dw[g][~m[mi[g]]] == 0)
-            full = full * m[mi[g]]
-        close(dw[g], full, BF16)
-        close(dbias[g], dy[g].double().sum(0), BF16)
+    x_bf16, _, m, _, mi = gemm_inputs(*GEMM, BF16, shared_x=True)
+    for dtype in (BF16, F32):
+        x = x_bf16.to(dtype)
+        dy = torch.randn(G, R, N, device=DEVICE).to(dtype)
+        dw, dbias = masked_gemm.grouped_masked_matmul_grad_weight(dy, x, pack_mask(m), mi, with_bias=True,
+                                                                  dot_dtype=BF16)
+        for g in range(G):
+            full = round_as_triton(dy[g], BF16).double().T @ round_as_triton(x[g], BF16).double()
+            if mi[g] >= 0:
+                assert torch.all(dw[g][~m[mi[g]]] == 0)
+                full = full * m[mi[g]]
+            close(dw[g], full, BF16)
+            close(dbias[g], dy[g].double().sum(0), BF16)
 
 
 REC = (2, 2, 5, 40)                 # (G, T, B, H): 4H = 160, two mask words per row, group 1 reverse

@@ -139,11 +139,11 @@ class _Counter(TorchDispatchMode):
             runner.run = original
 
 
-def _layer_counts(G: int, T: int):
-    """({'forward': (launches, small ops), 'backward': ...}) of one fp32 layer through run_layer (what
+def _layer_counts(G: int, T: int, dtype: torch.dtype = torch.float32):
+    """({'forward': (launches, small ops), 'backward': ...}) of one layer through run_layer (what
     SparseSharingLSTM and SluiceLSTM call per layer) laid out as SparseSharingLSTM's: G = tasks x 2
     directions, weight set = direction, each group its own mask."""
-    case = make_case(G=G, T=T, B=3, I=5, H=7, S=2, P=G, dtype=torch.float32)
+    case = make_case(G=G, T=T, B=3, I=5, H=7, S=2, P=G, dtype=dtype)
     case["mask_index"] = torch.arange(G, device=DEVICE)
     case["weight_index"] = torch.arange(G, device=DEVICE) // (G // 2)
     leaves = {k: (v.detach().requires_grad_() if k in DIFFERENTIABLE else v) for k, v in case.items()}
@@ -160,18 +160,21 @@ def _layer_counts(G: int, T: int):
 
 
 @pytest.mark.skipif(bool(TRITON), reason="the triton backend cannot run here")
-def test_launch_budget_per_layer_independent_of_steps_and_tasks(monkeypatch):
-    """Per layer: forward = the input projection and one sequence launch, plus at most 4 small
-    operations (the two masks' packing counted among them: the masks are packed on every call,
-    never cached); backward = one sequence launch and the GEMMs for dx, dW_ih and dW_hh, plus at
-    most 6 small operations (the sums of the groups' weight and bias gradients into the two
-    directions' weight sets among them, one launch each); the same counts for 1 or 7 steps and 2
-    or 3 tasks (x 2 directions), and no host read (a device sync on a GPU). fp32: in bf16 / fp16
-    the dtype conversions around the kernels come on top (see the README)."""
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_launch_budget_per_layer_independent_of_steps_and_tasks(dtype, monkeypatch):
+    """Per layer: forward = the input projection (both biases read by it) and one sequence launch,
+    plus at most 4 small operations (the two masks' packing counted among them: the masks are
+    packed on every call, never cached); backward = one sequence launch and the GEMMs for dx,
+    dW_ih (with the bias gradient) and dW_hh, plus at most 6 small operations (the sums of the
+    groups' weight and bias gradients into the two directions' weight sets among them, one launch
+    each); the same counts for 1 or 7 steps and 2 or 3 tasks (x 2 directions), and no host read (a
+    device sync on a GPU). In every dtype: bf16 / fp16 layers keep fp32 state and accumulation
+    inside the kernels, which read the model's dtype and write it (y, h_n, c_n, every gradient),
+    so no conversion launch comes on top (one would be an aten._to_copy here)."""
     monkeypatch.delenv(SEQ.MODE_VARIABLE, raising=False)
     seen = {}
     for G, T in ((4, 1), (6, 7)):
-        counts = _layer_counts(G, T)
+        counts = _layer_counts(G, T, dtype)
         launches, ops = counts["forward"]
         heavy = [name for name in launches if name != "_pack_kernel"]
         assert heavy == ["_grouped_forward_kernel", "_forward_sequence_kernel"], launches
@@ -182,15 +185,18 @@ def test_launch_budget_per_layer_independent_of_steps_and_tasks(monkeypatch):
         assert b_heavy.count("_backward_sequence_kernel") == 1 and "_backward_step_kernel" not in b_heavy
         assert len(b_heavy) <= 5, b_launches
         assert b_launches.count("_set_sum_kernel") + len(b_ops) <= 6, (b_launches, b_ops)
-        assert not any("_local_scalar_dense" in op for op in ops + b_ops), (ops, b_ops)
+        assert not any("_local_scalar_dense" in op or "_to_copy" in op for op in ops + b_ops), (ops, b_ops)
         seen[(G, T)] = (collections.Counter(launches), len(ops), collections.Counter(b_launches), len(b_ops))
     assert len(set(map(repr, seen.values()))) == 1, seen
 
 
 @pytest.mark.skipif(bool(TRITON), reason="the triton backend cannot run here")
 def test_step_mode_launches_grow_with_the_steps(monkeypatch):
-    """The count above can fail: the step kernels launch once per step (T forward, T + 1 backward)."""
+    """The count above can fail: the step kernels launch once per step (T forward, T + 1 backward);
+    in bf16 they too read and write the model's dtype around their fp32 state (no conversions)."""
     monkeypatch.setenv(SEQ.MODE_VARIABLE, "step")
-    counts = _layer_counts(4, 7)
-    assert counts["forward"][0].count("_forward_step_kernel") == 7
-    assert counts["backward"][0].count("_backward_step_kernel") == 8
+    for dtype in (torch.float32, torch.bfloat16):
+        counts = _layer_counts(4, 7, dtype)
+        assert counts["forward"][0].count("_forward_step_kernel") == 7
+        assert counts["backward"][0].count("_backward_step_kernel") == 8
+        assert not any("_to_copy" in op for op in counts["forward"][1] + counts["backward"][1]), counts

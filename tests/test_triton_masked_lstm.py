@@ -12,7 +12,7 @@ from mtlfast.bitmask import pack_mask  # noqa: E402
 from mtlfast.ops.masked_lstm import reverse_within_lengths  # noqa: E402
 from mtlfast.triton_kernels import masked_gemm, masked_lstm as K  # noqa: E402
 from tests.conftest import DEVICE  # noqa: E402
-from tests.helpers import assert_close  # noqa: E402
+from tests.helpers import assert_close, round_as_triton  # noqa: E402
 
 DTYPES = [torch.float32, torch.bfloat16]
 
@@ -65,12 +65,17 @@ def gemm_inputs(G, R, Kdim, N, S, P, dtype, *, shared_x=False, with_masks=True):
 def test_grouped_matmul(dtype, shape):
     G, R, Kdim, N, S, P = shape
     x, weight, m, wi, mi = gemm_inputs(*shape, dtype)
-    bias = torch.randn(G, N, device=DEVICE)
-    out = K.grouped_masked_matmul(x, weight, wi, pack_mask(m), mi, bias)
-    assert out.shape == (G, R, N) and out.dtype == dtype
+    # one bias and two (an LSTM's b_ih and b_hh, a strided one among them), a row per weight set,
+    # in the weights' dtype: added in fp32 by the kernel, never summed in low precision first
+    b_ih = torch.randn(S, N, device=DEVICE).to(dtype)
+    b_hh = torch.randn(N, S, device=DEVICE).to(dtype).t()
     ws = masked_weights(weight, wi, m, mi)
-    for g in range(G):
-        close(out[g], x[g].double() @ ws[g].T + bias[g].double(), dtype)
+    for biases in ((b_ih,), (b_ih, b_hh)):
+        out = K.grouped_masked_matmul(x, weight, wi, pack_mask(m), mi, biases=biases)
+        assert out.shape == (G, R, N) and out.dtype == dtype
+        for g in range(G):
+            bias = sum(b[wi[g]].double() for b in biases)
+            close(out[g], x[g].double() @ ws[g].T + bias, dtype)
     out32 = K.grouped_masked_matmul(x, weight, wi, pack_mask(m), mi, out_dtype=torch.float32)
     assert out32.dtype == torch.float32
     for g in range(G):
@@ -319,6 +324,35 @@ def test_backward_recurrence_from_kernel_forward(mode):
     got = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths, reverse)
     for a, b in zip(got, want):
         close(a, b, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("shape", [(3, 4, 5, 7), (2, 1, 17, 33)], ids=lambda s: "x".join(map(str, s)))
+def test_recurrences_read_and_write_the_model_dtype(mode, dtype, shape):
+    """h0, c0, dhs, dh_n, dc_n in a low-precision dtype are read as fp32 and y, h_n, c_n, dh0, dc0
+    written in out_dtype, the state staying fp32 between steps: bit for bit the fp32 run on the
+    same (rounded) values with its outputs rounded once at the end. Were the state rounded on
+    the way (a low-precision output reused as a step's state buffer), T > 1 would differ."""
+    G, T, B, H = shape
+    xproj, h0, c0, w_hh, wi, bits, mi, lengths, reverse = recurrence_inputs(*shape, dtype)
+    h0, c0 = h0.to(dtype), c0.to(dtype)
+    lengths[:, 0] = T                       # rows that run every step, whose state is carried longest
+    low = K.forward_recurrence(xproj, h0, c0, w_hh, wi, bits, mi, lengths, reverse, out_dtype=dtype)
+    ref = K.forward_recurrence(xproj, h0.float(), c0.float(), w_hh, wi, bits, mi, lengths, reverse)
+    for name, a, b in zip(("hs", "h_n", "c_n"), low[:3], ref[:3], strict=True):
+        assert a.dtype == dtype, name
+        assert torch.equal(a, round_as_triton(b, dtype)), name
+    for name, a, b in zip(("gates", "cells", "h_prev"), low[3:], ref[3:], strict=True):
+        assert a.dtype == torch.float32 and torch.equal(a, b), name
+    gates, cells = ref[3], ref[4]
+    dhs, dh_n, dc_n = (torch.randn(*size, device=DEVICE).to(dtype) for size in ((G, T, B, H), (G, B, H), (G, B, H)))
+    low = K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w_hh, wi, bits, mi, lengths, reverse,
+                                out_dtype=dtype)
+    ref = K.backward_recurrence(dhs.float(), dh_n.float(), dc_n.float(), gates, cells, c0.float(), w_hh, wi, bits,
+                                mi, lengths, reverse)
+    assert low[0].dtype == torch.float32 and torch.equal(low[0], ref[0]), "dgates"
+    for name, a, b in zip(("dh0", "dc0"), low[1:], ref[1:], strict=True):
+        assert a.dtype == dtype and torch.equal(a, round_as_triton(b, dtype)), name
 
 
 def test_sum_into_sets():

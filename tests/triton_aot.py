@@ -80,22 +80,22 @@ def _lstm_layer(tasks: int, input_size: int, hidden: int, batch: int, length: in
         bits_ih = e(G, 4 * H, (I + 31) // 32, dtype=torch.int32)
         bits_hh = e(G, 4 * H, (H + 31) // 32, dtype=torch.int32)
         lengths, reverse = e(G, B, dtype=i64), e(G, dtype=torch.bool)
-        bias = e(G, 4 * H, dtype=f32)                   # (b_ih + b_hh) in fp32, one row per group
-        xproj = K.grouped_masked_matmul(x.reshape(G, T * B, I), w_ih, wi, bits_ih, mi, bias,
+        b_ih, b_hh = e(2, 4 * H), e(2, 4 * H)            # read by the projection, by weight set
+        xproj = K.grouped_masked_matmul(x.reshape(G, T * B, I), w_ih, wi, bits_ih, mi, biases=(b_ih, b_hh),
                                         out_dtype=f32).view(G, T, B, 4 * H)
-        h0, c0 = e(G, B, H, dtype=f32), e(G, B, H, dtype=f32)
+        h0, c0 = e(G, B, H), e(G, B, H)
         # both recurrence modes where the sequence kernels take the size (the automatic choice
-        # there), the step kernels alone above it
+        # there), the step kernels alone above it; state fp32, what enters and leaves in dtype
         modes = ("sequence", "step") if sequence_unfit(H) is None else ("step",)
         for mode in modes:
-            _, _, _, gates, cells, _ = K.forward_recurrence(xproj, h0, c0, w_hh, wi, bits_hh, mi, lengths, reverse,
-                                                            mode=mode)
-            dgates, _, _ = K.backward_recurrence(e(G, T, B, H, dtype=f32), e(G, B, H, dtype=f32),
-                                                 e(G, B, H, dtype=f32), gates, cells, c0, w_hh, wi, bits_hh, mi,
-                                                 lengths, reverse, mode=mode)
-        dg = dgates.reshape(G, T * B, 4 * H).to(dtype)
+            _, _, _, gates, cells, h_prev = K.forward_recurrence(xproj, h0, c0, w_hh, wi, bits_hh, mi, lengths,
+                                                                 reverse, mode=mode, out_dtype=dtype)
+            dgates, _, _ = K.backward_recurrence(e(G, T, B, H), e(G, B, H), e(G, B, H), gates, cells, c0, w_hh, wi,
+                                                 bits_hh, mi, lengths, reverse, mode=mode, out_dtype=dtype)
+        dg = dgates.reshape(G, T * B, 4 * H)             # fp32: the GEMMs round it in registers
         K.grouped_masked_matmul_grad_input(dg, w_ih, wi, bits_ih, mi)
-        K.grouped_masked_matmul_grad_weight(dg, x.reshape(G, T * B, I), bits_ih, mi)
+        K.grouped_masked_matmul_grad_weight(dg, x.reshape(G, T * B, I), bits_ih, mi, with_bias=True, dot_dtype=dtype)
+        K.grouped_masked_matmul_grad_weight(dg, h_prev.reshape(G, T * B, H), bits_hh, mi, dot_dtype=dtype)
     return run
 
 

@@ -116,15 +116,19 @@ def _configs(block_a: str, block_b: str, block_r: str) -> Candidates:
 _SHARED_BUDGET = 160 * 1024
 
 
-def fits_shared_memory(config, element_bytes: int) -> bool:
-    """Conservative estimate: every stage holds both operand tiles."""
+def fits_shared_memory(config, element_bytes: int, b_bytes: Optional[int] = None) -> bool:
+    """Conservative estimate: every stage holds both operand tiles as loaded (the (rows, reduction)
+    tile in ``element_bytes`` per element, the (reduction, cols) one in ``b_bytes``, default the
+    same): an fp32 operand rounded to bf16 in registers is staged in fp32."""
     a, b, r = config.kwargs.values()
-    return config.num_stages * (a * r + r * b) * element_bytes <= _SHARED_BUDGET
+    b_bytes = element_bytes if b_bytes is None else b_bytes
+    return config.num_stages * (a * r * element_bytes + r * b * b_bytes) <= _SHARED_BUDGET
 
 
 def _prune(configs, named_args, **kwargs):
-    element_bytes = next(v.element_size() for k, v in named_args.items() if k.endswith("_ptr") and k != "bits_ptr")
-    kept = [c for c in configs if fits_shared_memory(c, element_bytes)]
+    # the grouped kernels' first two tensor pointers (bits aside) are the dot's two operands, in order
+    a_bytes, b_bytes = [v.element_size() for k, v in named_args.items() if k.endswith("_ptr") and k != "bits_ptr"][:2]
+    kept = [c for c in configs if fits_shared_memory(c, a_bytes, b_bytes)]
     return kept or configs[-1:]
 
 
@@ -198,12 +202,13 @@ def _group_mask(bits_ptr, stride_bp, mi_ptr, g, N):
 def _grouped_forward_kernel(x_ptr, stride_xg, stride_xm, stride_xk,
                             w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
                             bits_ptr, stride_bp, stride_bn, mi_ptr,
-                            bias_ptr, stride_bg, stride_bb,
+                            bias_ptr, stride_bs, stride_bb, bias2_ptr, stride_b2s, stride_b2b,
                             out_ptr, stride_og, stride_om, stride_on, M, N, K, M_BUCKET,
-                            HAS_BIAS: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
+                            BIASES: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
                             UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                             BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr = 8, HAS_MASK: tl.constexpr = True):
-    """out[g] (M, N) = x[g] (M, K) @ (W[wi[g]] ⊙ M[mi[g]])^T + bias[g]."""
+    """out[g] (M, N) = x[g] (M, K) @ (W[wi[g]] ⊙ M[mi[g]])^T + Σ of the BIASES (0, 1 or 2) biases'
+    rows wi[g], added in fp32 (an LSTM's b_ih + b_hh, never summed in low precision first)."""
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     g = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -213,7 +218,8 @@ def _grouped_forward_kernel(x_ptr, stride_xg, stride_xm, stride_xk,
         offs_m = offs_m.to(tl.int64)
         offs_n = offs_n.to(tl.int64)
     x_g = x_ptr + g * stride_xg
-    w_g = w_ptr + tl.load(wi_ptr + g) * stride_ws
+    w_set = tl.load(wi_ptr + g)
+    w_g = w_ptr + w_set * stride_ws
     if HAS_MASK:
         bits_g, mask_rows, unmasked = _group_mask(bits_ptr, stride_bp, mi_ptr, g, N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -228,9 +234,12 @@ def _grouped_forward_kernel(x_ptr, stride_xg, stride_xm, stride_xk,
             keep = _keep_bits_kn(bits_g, stride_bn, k0, offs_n, mask_rows, K, BLOCK_K, BLOCK_N)
             w = tl.where(keep | unmasked, w, tl.zeros_like(w))
         acc = _dot(x, w, acc, PRECISION, UPCAST)
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + g * stride_bg + offs_n * stride_bb, mask=offs_n < N, other=0.0)
-        acc += bias.to(tl.float32)[None, :]
+    if BIASES >= 1:
+        bias = tl.load(bias_ptr + w_set * stride_bs + offs_n * stride_bb, mask=offs_n < N, other=0.0).to(tl.float32)
+        if BIASES == 2:
+            bias += tl.load(bias2_ptr + w_set * stride_b2s + offs_n * stride_b2b, mask=offs_n < N,
+                            other=0.0).to(tl.float32)
+        acc += bias[None, :]
     tl.store(out_ptr + g * stride_og + offs_m[:, None] * stride_om + offs_n[None, :] * stride_on,
              acc.to(out_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -244,7 +253,8 @@ def _grouped_grad_input_kernel(dy_ptr, stride_dg, stride_dm, stride_dn,
                                INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                                BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
                                GROUP_M: tl.constexpr = 8, HAS_MASK: tl.constexpr = True):
-    """dx[g] (M, K) = dy[g] (M, N) @ (W[wi[g]] ⊙ M[mi[g]]) (N, K); the reduction runs over N."""
+    """dx[g] (M, K) = dy[g] (M, N) @ (W[wi[g]] ⊙ M[mi[g]]) (N, K) in W's dtype with fp32
+    accumulation; the reduction runs over N."""
     pid_m, pid_k = _grouped_tile(M, K, BLOCK_M, BLOCK_K, GROUP_M)
     g = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -263,11 +273,11 @@ def _grouped_grad_input_kernel(dy_ptr, stride_dg, stride_dm, stride_dn,
         offs_n = n0 + tl.arange(0, BLOCK_N)
         if INT64:
             offs_n = offs_n.to(tl.int64)
+        # dy (an LSTM's fp32 dgates) rounded to the weight's dtype in registers, as cuDNN does
         dy = tl.load(dy_g + offs_m[:, None] * stride_dm + offs_n[None, :] * stride_dn,
-                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0)
+                     mask=(offs_m[:, None] < M) & (offs_n[None, :] < N), other=0.0).to(w_ptr.dtype.element_ty)
         w = tl.load(w_g + offs_n[:, None] * stride_wn + offs_k[None, :] * stride_wk,
                     mask=(offs_n[:, None] < N) & (offs_k[None, :] < K), other=0.0)   # (BLOCK_N, BLOCK_K)
-        w = w.to(dy.dtype)
         if HAS_MASK:
             keep = _keep_bits_nk(bits_g, stride_bn, k0, offs_n, mask_rows, K, BLOCK_N, BLOCK_K)
             w = tl.where(keep | unmasked, w, tl.zeros_like(w))
@@ -283,12 +293,13 @@ def _grouped_grad_weight_kernel(dy_ptr, stride_dg, stride_dm, stride_dn,
                                 bits_ptr, stride_bp, stride_bn, mi_ptr,
                                 dw_ptr, stride_wg, stride_wn, stride_wk, dbias_ptr, stride_dbg, M, N, K, M_BUCKET,
                                 HAS_BIAS: tl.constexpr, INT64: tl.constexpr, PRECISION: tl.constexpr,
-                                UPCAST: tl.constexpr,
+                                UPCAST: tl.constexpr, DOT_DTYPE: tl.constexpr,
                                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr,
                                 GROUP_M: tl.constexpr = 8, HAS_MASK: tl.constexpr = True):
-    """dW[g] (N, K) = M[mi[g]] ⊙ (dy[g]^T (N, M) @ x[g] (M, K)), exactly 0 off the mask; the
-    programs of the first K tile also reduce dbias[g] (N,) = Σ_m dy[g] from the dy tiles they
-    load anyway."""
+    """dW[g] (N, K) = M[mi[g]] ⊙ (dy[g]^T (N, M) @ x[g] (M, K)), exactly 0 off the mask, both
+    operands rounded to DOT_DTYPE in registers (an LSTM's fp32 dgates and h to its weights' dtype)
+    with fp32 accumulation; the programs of the first K tile also reduce dbias[g] (N,) = Σ_m dy[g]
+    in fp32 from the dy tiles they load anyway."""
     pid_n, pid_k = _grouped_tile(N, K, BLOCK_N, BLOCK_K, GROUP_M)
     g = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -310,7 +321,7 @@ def _grouped_grad_weight_kernel(dy_ptr, stride_dg, stride_dm, stride_dn,
                        mask=(offs_n[:, None] < N) & (offs_m[None, :] < M), other=0.0)   # (BLOCK_N, BLOCK_M)
         x = tl.load(x_g + offs_m[:, None] * stride_xm + offs_k[None, :] * stride_xk,
                     mask=(offs_m[:, None] < M) & (offs_k[None, :] < K), other=0.0)
-        acc = _dot(dy_t, x.to(dy_t.dtype), acc, PRECISION, UPCAST)
+        acc = _dot(dy_t.to(DOT_DTYPE), x.to(DOT_DTYPE), acc, PRECISION, UPCAST)
         if HAS_BIAS:
             bias_acc += tl.sum(dy_t.to(tl.float32), axis=1)
     if HAS_MASK:
@@ -365,36 +376,47 @@ def _int64(*tensors: Optional[torch.Tensor]) -> bool:
 
 
 def grouped_masked_matmul(x: torch.Tensor, weight: torch.Tensor, weight_index: torch.Tensor,
-                          bits: Optional[torch.Tensor], mask_index: torch.Tensor,
-                          bias: Optional[torch.Tensor] = None, out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+                          bits: Optional[torch.Tensor], mask_index: torch.Tensor, *,
+                          biases: Tuple[torch.Tensor, ...] = (), out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
     """x (G, R, K) (any strides, group stride 0 allowed), weight (S, N, K), bits (P, N, ceil(K/32))
-    or None, bias (G, N) or None -> (G, R, N) = x[g] @ (weight[wi[g]] ⊙ M[mi[g]])ᵀ + bias[g]."""
+    or None, biases: 0, 1 or 2 tensors (S, N) -> (G, R, N) = x[g] @ (weight[wi[g]] ⊙ M[mi[g]])ᵀ + Σ
+    biases[wi[g]] (added in fp32), in out_dtype (default x's)."""
     G, R, K = x.shape
     N = weight.shape[1]
+    if not isinstance(biases, (tuple, list)) or len(biases) > 2:
+        raise ValueError(f"grouped_masked_matmul: biases must be a tuple of at most two (S, N) tensors, "
+                         f"got {type(biases).__name__} of length {len(biases)}")
     out = torch.empty((G, R, N), device=x.device, dtype=out_dtype or x.dtype)
     if out.numel() == 0:
         return out
     if K == 0:
-        return out.copy_(bias.unsqueeze(1).expand(G, R, N)) if bias is not None else out.zero_()
+        if not biases:
+            return out.zero_()
+        total = sum(b.float().index_select(0, weight_index) for b in biases)
+        return out.copy_(total.unsqueeze(1).expand(G, R, N))
     bits_arg, stride_bp, stride_bn = _mask_args(bits, weight_index)
+    b1 = biases[0] if biases else out
+    b2 = biases[1] if len(biases) == 2 else b1
+    b1_strides = b1.stride()[:2] if biases else (0, 0)
+    b2_strides = b2.stride()[:2] if len(biases) == 2 else (0, 0)
     _grouped_forward_kernel[_grid2("BLOCK_M", "BLOCK_N", R, N, G)](
         x, x.stride(0), x.stride(1), x.stride(2),
         weight, weight.stride(0), weight.stride(1), weight.stride(2), weight_index,
         bits_arg, stride_bp, stride_bn, mask_index,
-        bias if bias is not None else out, bias.stride(0) if bias is not None else 0,
-        bias.stride(1) if bias is not None else 0,
+        b1, *b1_strides, b2, *b2_strides,
         out, out.stride(0), out.stride(1), out.stride(2), R, N, K, size_bucket(R),
-        HAS_BIAS=bias is not None, INT64=_int64(x, weight, bits, bias, out), PRECISION=_precision(x.dtype),
+        BIASES=len(biases), INT64=_int64(x, weight, bits, *biases, out), PRECISION=_precision(x.dtype),
         UPCAST=_upcast(x.dtype), HAS_MASK=bits is not None)
     return out
 
 
 def grouped_masked_matmul_grad_input(dy: torch.Tensor, weight: torch.Tensor, weight_index: torch.Tensor,
                                      bits: Optional[torch.Tensor], mask_index: torch.Tensor) -> torch.Tensor:
-    """dy (G, R, N) -> dx (G, R, K) = dy[g] @ (weight[wi[g]] ⊙ M[mi[g]]), in dy's dtype."""
+    """dy (G, R, N) (any float dtype: rounded to the weight's in registers) -> dx (G, R, K) =
+    dy[g] @ (weight[wi[g]] ⊙ M[mi[g]]), in the weight's dtype."""
     G, R, N = dy.shape
     K = weight.shape[2]
-    dx = torch.empty((G, R, K), device=dy.device, dtype=dy.dtype)
+    dx = torch.empty((G, R, K), device=dy.device, dtype=weight.dtype)
     if dx.numel() == 0:
         return dx
     if N == 0:
@@ -405,18 +427,24 @@ def grouped_masked_matmul_grad_input(dy: torch.Tensor, weight: torch.Tensor, wei
         weight, weight.stride(0), weight.stride(1), weight.stride(2), weight_index,
         bits_arg, stride_bp, stride_bn, mask_index,
         dx, dx.stride(0), dx.stride(1), dx.stride(2), R, N, K, size_bucket(R),
-        INT64=_int64(dy, weight, bits, dx), PRECISION=_precision(dy.dtype), UPCAST=_upcast(dy.dtype),
+        INT64=_int64(dy, weight, bits, dx), PRECISION=_precision(weight.dtype), UPCAST=_upcast(weight.dtype),
         HAS_MASK=bits is not None)
     return dx
 
 
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
 def grouped_masked_matmul_grad_weight(dy: torch.Tensor, x: torch.Tensor, bits: Optional[torch.Tensor],
                                       mask_index: torch.Tensor, *, with_bias: bool = False,
-                                      out_dtype: torch.dtype = torch.float32):
+                                      out_dtype: torch.dtype = torch.float32,
+                                      dot_dtype: Optional[torch.dtype] = None):
     """dy (G, R, N), x (G, R, K) (group stride 0 allowed) -> dW (G, N, K) = M[mi[g]] ⊙ (dy[g]ᵀ @ x[g]),
-    exactly 0 outside the mask, in out_dtype; with_bias: returns (dW, dbias (G, N) = Σ_r dy[g])."""
+    exactly 0 outside the mask, in out_dtype, the product's operands rounded to dot_dtype (default
+    dy's) with fp32 accumulation; with_bias: returns (dW, dbias (G, N) = Σ_r dy[g], summed in fp32)."""
     G, R, N = dy.shape
     K = x.shape[2]
+    dot_dtype = dot_dtype or dy.dtype
     dw = torch.empty((G, N, K), device=dy.device, dtype=out_dtype)
     dbias = torch.empty((G, N), device=dy.device, dtype=out_dtype) if with_bias else None
     if N == 0 or G == 0:
@@ -425,7 +453,7 @@ def grouped_masked_matmul_grad_weight(dy: torch.Tensor, x: torch.Tensor, bits: O
         # no reduction to run; dbias still has N entries per group when K == 0
         dw.zero_()
         if dbias is not None:
-            dbias.copy_(dy.sum(1)) if R > 0 else dbias.zero_()
+            dbias.copy_(dy.float().sum(1)) if R > 0 else dbias.zero_()
         return (dw, dbias) if with_bias else dw
     bits_arg, stride_bp, stride_bn = _mask_args(bits, mask_index)
     _grouped_grad_weight_kernel[_grid2("BLOCK_N", "BLOCK_K", N, K, G)](
@@ -433,8 +461,6 @@ def grouped_masked_matmul_grad_weight(dy: torch.Tensor, x: torch.Tensor, bits: O
         bits_arg, stride_bp, stride_bn, mask_index,
         dw, dw.stride(0), dw.stride(1), dw.stride(2), dbias if dbias is not None else dw,
         dbias.stride(0) if dbias is not None else 0, R, N, K, size_bucket(R),
-        HAS_BIAS=with_bias, INT64=_int64(dy, x, bits, dw), PRECISION=_precision(dy.dtype), UPCAST=_upcast(dy.dtype),
-        HAS_MASK=bits is not None)
+        HAS_BIAS=with_bias, INT64=_int64(dy, x, bits, dw), PRECISION=_precision(dot_dtype),
+        UPCAST=_upcast(dot_dtype), DOT_DTYPE=_TL_DTYPES[dot_dtype], HAS_MASK=bits is not None)
     return (dw, dbias) if with_bias else dw
-
-

@@ -337,10 +337,13 @@ def _set_sum_kernel(src_ptr, wi_ptr, out_ptr, G, SIZE, BLOCK: tl.constexpr):
     tl.store(out_ptr + s.to(tl.int64) * SIZE + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def sum_into_sets(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -> torch.Tensor:
-    """grads (G, ...) fp32, weight_index (G,) int64 in [0, num_sets) -> (num_sets, ...) in one launch."""
+def sum_into_sets(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int,
+                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """grads (G, ...) fp32, weight_index (G,) int64 in [0, num_sets) -> (num_sets, ...) in one launch,
+    summed in fp32 and written in out_dtype (default grads'): a parameter's dtype, so autograd
+    need not convert the gradient in another launch."""
     grads = grads.contiguous()
-    out = grads.new_empty((num_sets, *grads.shape[1:]))
+    out = grads.new_empty((num_sets, *grads.shape[1:]), dtype=out_dtype or grads.dtype)
     size = grads.shape[1:].numel()
     if out.numel():         # no groups: every set's sum is 0, which the kernel writes too
         _set_sum_kernel[(triton.cdiv(size, _SET_SUM_BLOCK), num_sets)](grads, weight_index, out, grads.shape[0], size,
@@ -381,22 +384,26 @@ def _mode(mode: Optional[str], hidden: int) -> str:
 
 def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor,
                        weight_index: torch.Tensor, bits_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
-                       lengths: torch.Tensor, reverse: torch.Tensor, mode: Optional[str] = None) -> Tuple[torch.Tensor, ...]:
-    """xproj (G, T, B, 4H) fp32, h0 / c0 (G, B, H) fp32, w_hh (S, 4H, H), lengths (G, B) int64,
-    reverse (G,) bool -> (hs (G, T, B, H), h_n, c_n (G, B, H), gates (G, T, B, 4H) activated,
-    cells (G, T, B, H), h_prev (G, T, B, H): the h entering each step), fp32, in time order; hs and
-    gates are 0 at padded steps, cells carries c there. ``mode``: 'step' (one launch per step) or
-    'sequence' (one launch: masked_lstm_sequence.py); None = lstm_mode's choice."""
+                       lengths: torch.Tensor, reverse: torch.Tensor, mode: Optional[str] = None,
+                       out_dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, ...]:
+    """xproj (G, T, B, 4H) fp32, h0 / c0 (G, B, H) (any float dtype, read as fp32), w_hh (S, 4H, H),
+    lengths (G, B) int64, reverse (G,) bool -> (hs (G, T, B, H), h_n, c_n (G, B, H), in out_dtype;
+    gates (G, T, B, 4H) activated, cells (G, T, B, H), h_prev (G, T, B, H): the h entering each
+    step, fp32), in time order; hs and gates are 0 at padded steps, cells carries c there. The
+    state stays fp32 throughout: only the outputs are rounded to out_dtype (a model's dtype, so no
+    conversion launch follows). ``mode``: 'step' (one launch per step) or 'sequence' (one launch:
+    masked_lstm_sequence.py); None = lstm_mode's choice."""
     G, T, B, H4 = xproj.shape
     H = H4 // 4
     mode = _mode(mode, H)
     f32 = dict(device=xproj.device, dtype=torch.float32)
-    hs = torch.empty((G, T, B, H), **f32)
+    out = dict(device=xproj.device, dtype=out_dtype)
+    hs = torch.empty((G, T, B, H), **out)
     cells = torch.empty((G, T, B, H), **f32)
     h_prev = torch.empty((G, T, B, H), **f32)
     gates = torch.empty((G, T, B, H4), **f32)
-    h_n = torch.empty((G, B, H), **f32)
-    c_n = torch.empty((G, B, H), **f32)
+    h_n = torch.empty((G, B, H), **out)
+    c_n = torch.empty((G, B, H), **out)
     if T == 0 or G * B * H == 0:
         h_n.copy_(h0)
         c_n.copy_(c0)
@@ -409,35 +416,41 @@ def forward_recurrence(xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, 
         _sequence._forward_sequence_kernel[_sequence.grid(B, G)](
             *head, h_in, c_in, h_n, c_n, hs, cells, gates, h_prev, T, B, H, size_bucket(B), **flags)
         return hs, h_n, c_n, gates, cells, h_prev
-    # Ping-pong: the launch of step s writes (h_n, c_n) when T-1-s is even, so the last one lands
-    # there and the final state needs no copy.
-    spare = (torch.empty((G, B, H), **f32), torch.empty((G, B, H), **f32))
+    # Two fp32 state buffers in turn (no launch reads what it writes), the last step into (h_n, c_n)
+    spares = _state_buffers(G, B, H, f32)
     grid = _step_grid(B, H, G)
     bucket = size_bucket(B)
     for s in range(T):
-        h_out, c_out = (h_n, c_n) if (T - 1 - s) % 2 == 0 else spare
+        h_out, c_out = (h_n, c_n) if s == T - 1 else spares[s % 2]
         _forward_step_kernel[grid](*head, h_in, c_in, h_out, c_out, hs, cells, gates, h_prev, s, T, B, H, bucket,
                                    **flags)
         h_in, c_in = h_out, c_out
     return hs, h_n, c_n, gates, cells, h_prev
 
 
+def _state_buffers(G: int, B: int, H: int, f32: dict) -> tuple:
+    """The step kernels' two pairs of fp32 (G, B, H) state buffers (ping-pong)."""
+    return tuple((torch.empty((G, B, H), **f32), torch.empty((G, B, H), **f32)) for _ in range(2))
+
+
 def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, gates: torch.Tensor,
                         cells: torch.Tensor, c0: torch.Tensor, w_hh: torch.Tensor, weight_index: torch.Tensor,
                         bits_hh: Optional[torch.Tensor], mask_index: torch.Tensor,
                         lengths: torch.Tensor, reverse: torch.Tensor,
-                        mode: Optional[str] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dhs (G, T, B, H) (any strides), dh_n / dc_n (G, B, H), gates / cells from forward_recurrence
-    -> (dgates (G, T, B, 4H) w.r.t. the pre-activations, 0 at padded steps; dh0; dc0), fp32, in
-    time order. ``mode`` as in forward_recurrence (either mode's backward takes either's saved
-    tensors: they are the same)."""
+                        mode: Optional[str] = None,
+                        out_dtype: torch.dtype = torch.float32) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dhs (G, T, B, H) (any strides), dh_n / dc_n / c0 (G, B, H) (any float dtype, read as fp32),
+    gates / cells from forward_recurrence -> (dgates (G, T, B, 4H) fp32 w.r.t. the pre-activations,
+    0 at padded steps; dh0, dc0 in out_dtype), in time order; the running dh and dc stay fp32.
+    ``mode`` as in forward_recurrence (either mode's backward takes either's saved tensors: they
+    are the same)."""
     G, T, B, H4 = gates.shape
     H = H4 // 4
     mode = _mode(mode, H)
     f32 = dict(device=gates.device, dtype=torch.float32)
     dgates = torch.empty((G, T, B, H4), **f32)
-    dh0 = torch.empty((G, B, H), **f32)
-    dc0 = torch.empty((G, B, H), **f32)
+    dh0 = torch.empty((G, B, H), device=gates.device, dtype=out_dtype)
+    dc0 = torch.empty((G, B, H), device=gates.device, dtype=out_dtype)
     if T == 0 or G * B * H == 0:
         dh0.copy_(dh_n)
         dc0.copy_(dc_n)
@@ -448,17 +461,18 @@ def backward_recurrence(dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tenso
     flags = _flags(w_hh, bits_hh, dhs, gates)
     dh_in, dc_in = dh_n.contiguous(), dc_n.contiguous()
     if mode == "sequence":
+        # the running dh / dc: dh0 / dc0 themselves when fp32, else fp32 buffers
+        run = (dh0, dc0) if out_dtype == torch.float32 else _state_buffers(G, B, H, f32)[0]
         _sequence._backward_sequence_kernel[_sequence.grid(B, G)](
-            *head, dh_in, dc_in, dh0, dc0, gates, cells, c0, dgates, T, B, H, size_bucket(B), **flags)
+            *head, dh_in, dc_in, *run, dh0, dc0, gates, cells, c0, dgates, T, B, H, size_bucket(B), **flags)
         return dgates, dh0, dc0
-    # T + 1 launches, steps T-1 .. -1; launch j writes (dh0, dc0) when T - j is even, so the
-    # last one (j = T, step -1) lands there.
-    spare = (torch.empty((G, B, H), **f32), torch.empty((G, B, H), **f32))
+    # T + 1 launches, steps T-1 .. -1, into two fp32 state buffers in turn; the last into (dh0, dc0)
+    spares = _state_buffers(G, B, H, f32)
     grid = _step_grid(B, H, G)
     bucket = size_bucket(B)
     for j in range(T + 1):
         s = T - 1 - j
-        dh_out, dc_out = (dh0, dc0) if (T - j) % 2 == 0 else spare
+        dh_out, dc_out = (dh0, dc0) if j == T else spares[j % 2]
         _backward_step_kernel[grid](*head, dh_in, dc_in, dh_out, dc_out, gates, cells, c0, dgates, s, T, B, H, bucket,
                                     **flags)
         dh_in, dc_in = dh_out, dc_out

@@ -88,8 +88,9 @@ def lstm_mode(hidden: int) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels. Grid: (batch tiles, G). hs / cells / h_prev (G, T, B, H) and gates / dgates
-# (G, T, B, 4H) are contiguous fp32 (the launchers make them); the state (G, B, H) fp32.
+# Kernels. Grid: (batch tiles, G). cells / h_prev (G, T, B, H) and gates / dgates (G, T, B, 4H)
+# are contiguous fp32 (the launchers make them), as is the running state; what leaves the layer
+# (hs, h_n, c_n, dh0, dc0) is written in its own dtype and h0, c0, dh_n, dc_n, dhs read in theirs.
 
 # Key: the batch rows by size_bucket, H and the dtypes; the length is no key (T only bounds loops).
 @autotune(_step_configs("BLOCK_K", _FORWARD_SHAPES), key=["B_BUCKET", "H", "PRECISION"], prune=_prune_step)
@@ -129,7 +130,7 @@ def _forward_sequence_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
         offs_h = j0 + tl.arange(0, BLOCK_H)
         tile_ok = row_ok[:, None] & (offs_h[None, :] < H)
         h0 = tl.load(h0_ptr + (g * B + offs_b[:, None]) * H + offs_h[None, :], mask=tile_ok, other=0.0)
-        tl.store(hprev_ptr + (rows + t0 * B) * H + offs_h[None, :], h0, mask=tile_ok)
+        tl.store(hprev_ptr + (rows + t0 * B) * H + offs_h[None, :], h0.to(tl.float32), mask=tile_ok)
     tl.debug_barrier()
 
     for s in range(0, T):
@@ -195,15 +196,16 @@ def _backward_sequence_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
                               bits_ptr, stride_bp, stride_bn, mi_ptr,
                               dhs_ptr, stride_dg, stride_dt, stride_db, stride_dh,
                               len_ptr, stride_lg, stride_lb, rev_ptr,
-                              dh_n_ptr, dc_n_ptr, dh0_ptr, dc0_ptr,
+                              dh_n_ptr, dc_n_ptr, dh_run_ptr, dc_run_ptr, dh0_ptr, dc0_ptr,
                               gates_ptr, cells_ptr, c0_ptr, dgates_ptr, T, B, H, B_BUCKET,
                               INT64: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
                               BLOCK_B: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr,
                               HAS_MASK: tl.constexpr = True):
     """Steps T-1 down to -1 of one batch tile of one group; per step and hidden tile what the
     backward step kernel computes (the dh entering step s from dgates[s+1] @ (W ⊙ M), then the
-    cell's backward), with the running dh and dc kept in dh0 and dc0: each hidden tile reads and
-    writes only its own part of them, and after step -1 they hold the answer."""
+    cell's backward), with the running dh and dc kept in fp32 in dh_run and dc_run: each hidden
+    tile reads and writes only its own part of them; step -1 writes the answer to dh0 and dc0
+    instead (in their dtype; they may be dh_run and dc_run themselves)."""
     pid = tl.program_id(0)
     g = tl.program_id(1)
     offs_b = pid * BLOCK_B + tl.arange(0, BLOCK_B)
@@ -225,8 +227,8 @@ def _backward_sequence_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
         offs_h = j0 + tl.arange(0, BLOCK_H)
         tile_ok = row_ok[:, None] & (offs_h[None, :] < H)
         state = (g * B + offs_b[:, None]) * H + offs_h[None, :]
-        tl.store(dh0_ptr + state, tl.load(dh_n_ptr + state, mask=tile_ok, other=0.0), mask=tile_ok)
-        tl.store(dc0_ptr + state, tl.load(dc_n_ptr + state, mask=tile_ok, other=0.0), mask=tile_ok)
+        tl.store(dh_run_ptr + state, tl.load(dh_n_ptr + state, mask=tile_ok, other=0.0).to(tl.float32), mask=tile_ok)
+        tl.store(dc_run_ptr + state, tl.load(dc_n_ptr + state, mask=tile_ok, other=0.0).to(tl.float32), mask=tile_ok)
     tl.debug_barrier()
 
     for j in range(0, T + 1):
@@ -254,8 +256,8 @@ def _backward_sequence_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
                     w = tl.where(keep | unmasked, w, tl.zeros_like(w))
                 acc = _dot(dg, w, acc, PRECISION, UPCAST)
             state = (g * B + offs_b[:, None]) * H + offs_h[None, :]
-            dh = tl.where(next_active, acc, tl.load(dh0_ptr + state, mask=tile_ok, other=0.0).to(tl.float32))
-            dc = tl.load(dc0_ptr + state, mask=tile_ok, other=0.0).to(tl.float32)
+            dh = tl.where(next_active, acc, tl.load(dh_run_ptr + state, mask=tile_ok, other=0.0))
+            dc = tl.load(dc_run_ptr + state, mask=tile_ok, other=0.0)
             if s >= 0:
                 t_b = _time_of(s, length, rev)[:, None]
                 t_prev = _time_of(s - 1, length, rev)[:, None]
@@ -276,8 +278,10 @@ def _backward_sequence_kernel(w_ptr, stride_ws, stride_wn, stride_wk, wi_ptr,
                 d_i, d_f, d_z, d_o, dc_prev = _cell_backward(dh_tot, dc, i, f, z, o, tc, c_prev)
                 _store_gates(dgates_ptr, gate, H, d_i, d_f, d_z, d_o, active, tile_ok)
                 dc = tl.where(active, dc_prev, dc)
-            tl.store(dh0_ptr + state, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok)
-            tl.store(dc0_ptr + state, dc.to(dc0_ptr.dtype.element_ty), mask=tile_ok)
+            tl.store(dh_run_ptr + state, dh, mask=tile_ok & (s >= 0))
+            tl.store(dc_run_ptr + state, dc, mask=tile_ok & (s >= 0))
+            tl.store(dh0_ptr + state, dh.to(dh0_ptr.dtype.element_ty), mask=tile_ok & (s < 0))
+            tl.store(dc0_ptr + state, dc.to(dc0_ptr.dtype.element_ty), mask=tile_ok & (s < 0))
         # step s - 1 reads every hidden tile of dgates[s]
         tl.debug_barrier()
 

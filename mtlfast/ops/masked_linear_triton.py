@@ -32,7 +32,7 @@ def forward(x: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor,
     """x (M, K), weight (N, K), mask_bits (N, ceil(K/32)) int32, bias (N,) or None -> (M, N)."""
     i0 = _index0(x.device)
     return grouped_masked_matmul(x.unsqueeze(0), weight.unsqueeze(0), i0, mask_bits.unsqueeze(0), i0,
-                                 bias=bias.unsqueeze(0) if bias is not None else None)[0]
+                                 biases=(bias.unsqueeze(0),) if bias is not None else ())[0]
 
 
 def grad_input(grad_out: torch.Tensor, weight: torch.Tensor, mask_bits: torch.Tensor) -> torch.Tensor:

@@ -107,37 +107,50 @@ class Weights(Protocol):
 
 class MaskedLSTMKernels(Protocol):
     """The kernel interface a backend's adapter (``ops/masked_lstm_<backend>.py``) implements.
-    Shapes: G groups, T steps (every array in time order; reverse groups run backwards within each
-    row's length), B batch rows, H hidden, R = T*B rows, gates in torch.nn.LSTM order (i, f, g, o);
-    activations, state and gradients in the accumulation dtype (fp32; fp64 for fp64 inputs)."""
+    Shapes: G groups, S weight sets, T steps (every array in time order; reverse groups run
+    backwards within each row's length), B batch rows, H hidden, R = T*B rows, gates in
+    torch.nn.LSTM order (i, f, g, o); activations, state and gradients in the accumulation dtype
+    (fp32; fp64 for fp64 inputs). What leaves the layer (y, h_n, c_n, and the gradients of x, h0,
+    c0 and the parameters) may come back in the model's dtype instead, where a kernel writes it so
+    (Triton: no conversion launch); whatever a kernel returns, the op definition hands autograd
+    the inputs' dtypes."""
 
     def prepare(self, weight: torch.Tensor, weight_index: torch.Tensor, masks: Optional[torch.Tensor],
                 mask_index: torch.Tensor) -> Weights:
         """weight (S, N, K), masks (P, N, K) bool or None, indices (G,) -> each group's masked weight."""
 
-    def project(self, x: torch.Tensor, weights: Weights, bias: Optional[torch.Tensor]) -> torch.Tensor:
-        """x (G, R, K) -> (G, R, N): x @ W_mᵀ (+ bias (G, N))."""
+    def project(self, x: torch.Tensor, weights: Weights, b_ih: Optional[torch.Tensor],
+                b_hh: Optional[torch.Tensor]) -> torch.Tensor:
+        """x (G, R, K) -> (G, R, N) in the accumulation dtype: x @ W_mᵀ (+ b_ih + b_hh, each (S, N),
+        the row of each group's weight set, summed in the accumulation dtype)."""
 
     def grad_input(self, dy: torch.Tensor, weights: Weights) -> torch.Tensor:
         """dy (G, R, N) -> (G, R, K) = dy @ W_m."""
 
-    def grad_weight(self, dy: torch.Tensor, x: torch.Tensor, weights: Weights) -> torch.Tensor:
-        """(G, N, K) = M ⊙ (dyᵀ @ x), exactly 0 outside each group's mask."""
+    def grad_weight(self, dy: torch.Tensor, x: torch.Tensor, weights: Weights,
+                    with_bias: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """-> ((G, N, K) = M ⊙ (dyᵀ @ x), exactly 0 outside each group's mask, in the accumulation
+        dtype; (G, N) = Σ_r dy when with_bias, else None)."""
 
     def forward_recurrence(self, xproj: torch.Tensor, h0: torch.Tensor, c0: torch.Tensor, weights: Weights,
-                           lengths: torch.Tensor, reverse: torch.Tensor, save: bool = True) -> Tuple[torch.Tensor, ...]:
-        """xproj (G, T, B, 4H) -> hs (G, T, B, H) (0 at padded steps), h_n, c_n (G, B, H), and for
-        backward gates (G, T, B, 4H) activated, cells (G, T, B, H), h_prev (G, T, B, H) (the h that
-        entered each step); a backend may return None for the last three when not ``save``."""
+                           lengths: torch.Tensor, reverse: torch.Tensor, save: bool = True,
+                           out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, ...]:
+        """xproj (G, T, B, 4H), h0 / c0 (G, B, H) in any float dtype -> hs (G, T, B, H) (0 at padded
+        steps), h_n, c_n (G, B, H), in out_dtype; and for backward gates (G, T, B, 4H) activated,
+        cells (G, T, B, H), h_prev (G, T, B, H) (the h that entered each step), in the accumulation
+        dtype; a backend may return None for the last three when not ``save``."""
 
     def backward_recurrence(self, dhs: torch.Tensor, dh_n: torch.Tensor, dc_n: torch.Tensor, gates: torch.Tensor,
                             cells: torch.Tensor, c0: torch.Tensor, weights: Weights, lengths: torch.Tensor,
-                            reverse: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """-> dgates (G, T, B, 4H) w.r.t. the pre-activations (0 at padded steps), dh0, dc0."""
+                            reverse: torch.Tensor,
+                            out_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """dhs, dh_n, dc_n, c0 in any float dtype -> dgates (G, T, B, 4H) w.r.t. the pre-activations
+        (0 at padded steps) in the accumulation dtype, dh0, dc0 in out_dtype."""
 
-    def sum_into_sets(self, grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -> torch.Tensor:
-        """grads (G, ...) -> (S, ...): out[s] = Σ_{g: weight_index[g] = s} grads[g], deterministic, a NaN
-        in one set's groups kept out of the others."""
+    def sum_into_sets(self, grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int,
+                      out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """grads (G, ...) -> (S, ...) in out_dtype: out[s] = Σ_{g: weight_index[g] = s} grads[g],
+        deterministic, a NaN in one set's groups kept out of the others."""
 
 
 class _Args(NamedTuple):
@@ -157,14 +170,13 @@ class _Args(NamedTuple):
     reverse: torch.Tensor
 
 
-def _group_sum(k: "MaskedLSTMKernels", grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -> torch.Tensor:
-    """Per-group gradients (G, ...) summed into their weight sets (S, ...): a shared weight's
-    gradient is Σ_t M_t ⊙ grad_t. Deterministic on every backend (no atomics)."""
-    if num_sets == 1:       # every group uses the one set (sparse sharing)
-        return grads.sum(0, keepdim=True)
-    if common.is_identity_index(weight_index, num_sets):     # one set per group (sluice networks)
+def _group_sum(k: "MaskedLSTMKernels", grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int,
+               dtype: torch.dtype) -> torch.Tensor:
+    """Per-group gradients (G, ...) summed into their weight sets (S, ...) in the parameters' dtype:
+    a shared weight's gradient is Σ_t M_t ⊙ grad_t. Deterministic on every backend (no atomics)."""
+    if common.is_identity_index(weight_index, num_sets):     # one set per group (sluice networks, CPU)
         return grads
-    return k.sum_into_sets(grads, weight_index, num_sets)
+    return k.sum_into_sets(grads, weight_index, num_sets, dtype)
 
 
 def _prepare(k: MaskedLSTMKernels, a: _Args) -> Tuple[Weights, Weights]:
@@ -174,39 +186,43 @@ def _prepare(k: MaskedLSTMKernels, a: _Args) -> Tuple[Weights, Weights]:
 
 def _forward(k: MaskedLSTMKernels, args: tuple, save: bool):
     """-> (y, h_n, c_n), saved (h_prev, gates, cells), cache (prepared ih, hh): project every step and
-    group with one masked GEMM, then one recurrence call."""
+    group with one masked GEMM (biases included), then one recurrence call that writes the outputs
+    in x's dtype."""
     a = _Args(*args)
     G, T, B, _ = a.x.shape
     H = a.w_hh.shape[-1]
     ih, hh = _prepare(k, a)
-    acc = common.accumulation_dtype(a.x.dtype)  # state and accumulation
-    bias = (a.b_ih + a.b_hh).to(acc).index_select(0, a.weight_index) if a.b_ih is not None else None
-    xproj = k.project(a.x.reshape(G, T * B, a.x.shape[-1]), ih, bias).view(G, T, B, 4 * H)
-    y, h_n, c_n, gates, cells, h_prev = k.forward_recurrence(xproj, a.h0.to(acc), a.c0.to(acc), hh, a.lengths,
-                                                             a.reverse, save)
-    return (y.to(a.x.dtype), h_n.to(a.x.dtype), c_n.to(a.x.dtype)), (h_prev, gates, cells), (ih, hh)
+    xproj = k.project(a.x.reshape(G, T * B, a.x.shape[-1]), ih, a.b_ih, a.b_hh).view(G, T, B, 4 * H)
+    y, h_n, c_n, gates, cells, h_prev = k.forward_recurrence(xproj, a.h0, a.c0, hh, a.lengths, a.reverse, save,
+                                                             out_dtype=a.x.dtype)
+    return (y, h_n, c_n), (h_prev, gates, cells), (ih, hh)
 
 
 def _backward(k: MaskedLSTMKernels, args: tuple, saved: tuple, cache, needs: tuple, grads: tuple):
-    """One backward recurrence, then one masked GEMM each for dx, dW_ih and dW_hh over every group."""
+    """One backward recurrence, then one masked GEMM each for dx, dW_ih (with the bias gradient)
+    and dW_hh over every group, and the groups' sums into their weight sets."""
     a, need = _Args(*args), _Args(*needs)
     dy, dh_n, dc_n = grads
     h_prev, gates, cells = saved
     ih, hh = cache if cache is not None else _prepare(k, a)
     G, T, B, _ = a.x.shape
     H = a.w_hh.shape[-1]
-    acc = gates.dtype
-    dgates, dh0, dc0 = k.backward_recurrence(dy.to(acc), dh_n.to(acc), dc_n.to(acc), gates, cells, a.c0.to(acc), hh,
-                                             a.lengths, a.reverse)
+    dgates, dh0, dc0 = k.backward_recurrence(dy, dh_n, dc_n, gates, cells, a.c0, hh, a.lengths, a.reverse,
+                                             out_dtype=a.x.dtype)
     dg = dgates.reshape(G, T * B, 4 * H)    # rows at padded steps are 0: they add nothing below
     num_sets = a.w_ih.shape[0]
+    dtype = a.w_ih.dtype
+    need_bias = a.b_ih is not None and (need.b_ih or need.b_hh)
     dx = k.grad_input(dg, ih).view(G, T, B, -1) if need.x else None
-    dw_ih = (_group_sum(k, k.grad_weight(dg, a.x.reshape(G, T * B, a.x.shape[-1]), ih), a.weight_index, num_sets)
-             if need.w_ih else None)
-    dw_hh = (_group_sum(k, k.grad_weight(dg, h_prev.reshape(G, T * B, H), hh), a.weight_index, num_sets)
+    dw_ih = db = None
+    if need.w_ih:
+        dw_ih, db = k.grad_weight(dg, a.x.reshape(G, T * B, a.x.shape[-1]), ih, need_bias)
+        dw_ih = _group_sum(k, dw_ih, a.weight_index, num_sets, dtype)
+    elif need_bias:
+        db = dgates.sum(dim=(1, 2))
+    dw_hh = (_group_sum(k, k.grad_weight(dg, h_prev.reshape(G, T * B, H), hh)[0], a.weight_index, num_sets, dtype)
              if need.w_hh else None)
-    db = (_group_sum(k, dgates.sum(dim=(1, 2)), a.weight_index, num_sets)
-          if a.b_ih is not None and (need.b_ih or need.b_hh) else None)
+    db = _group_sum(k, db, a.weight_index, num_sets, dtype) if need_bias else None
     # b_ih and b_hh get the same gradient (the definition gives the second its own tensor)
     return (dx, dh0, dc0, dw_ih, dw_hh, db, db) + (None,) * 6
 

@@ -24,32 +24,40 @@ def prepare(weight, weight_index, masks, mask_index) -> Weights:
     return Weights(weight, weight_index, pack(masks) if masks is not None else None, mask_index)
 
 
-def project(x: torch.Tensor, w: Weights, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return K.grouped_masked_matmul(x, w.weight, w.weight_index, w.bits, w.mask_index, bias=bias,
+def project(x: torch.Tensor, w: Weights, b_ih: Optional[torch.Tensor], b_hh: Optional[torch.Tensor]) -> torch.Tensor:
+    # both biases read by the GEMM itself, by weight set, and added in fp32: no summed or gathered copy
+    biases = tuple(b for b in (b_ih, b_hh) if b is not None)
+    return K.grouped_masked_matmul(x, w.weight, w.weight_index, w.bits, w.mask_index, biases=biases,
                                    out_dtype=torch.float32)
 
 
 def grad_input(dy: torch.Tensor, w: Weights) -> torch.Tensor:
-    # dgates are fp32; the GEMM runs in the weights' dtype with fp32 accumulation, as cuDNN does
-    return K.grouped_masked_matmul_grad_input(dy.to(w.weight.dtype), w.weight, w.weight_index, w.bits,
-                                              w.mask_index)
+    # dgates are fp32; the GEMM rounds them to the weights' dtype in registers and accumulates in
+    # fp32, as cuDNN does, and writes dx in the weights' (the model's) dtype
+    return K.grouped_masked_matmul_grad_input(dy, w.weight, w.weight_index, w.bits, w.mask_index)
 
 
-def grad_weight(dy: torch.Tensor, x: torch.Tensor, w: Weights) -> torch.Tensor:
-    return K.grouped_masked_matmul_grad_weight(dy.to(w.weight.dtype), x.to(w.weight.dtype), w.bits, w.mask_index)
+def grad_weight(dy: torch.Tensor, x: torch.Tensor, w: Weights, with_bias: bool = False):
+    # operands rounded to the weights' dtype in registers (dgates and h are fp32), fp32 sums
+    dw = K.grouped_masked_matmul_grad_weight(dy, x, w.bits, w.mask_index, with_bias=with_bias,
+                                             dot_dtype=w.weight.dtype)
+    return dw if with_bias else (dw, None)
 
 
-def forward_recurrence(xproj, h0, c0, w: Weights, lengths, reverse, save: bool = True):
+def forward_recurrence(xproj, h0, c0, w: Weights, lengths, reverse, save: bool = True,
+                       out_dtype: Optional[torch.dtype] = None):
     # the step kernels always store what backward needs (``save`` is a CPU saving)
     return K.forward_recurrence(xproj, h0, c0, w.weight, w.weight_index, w.bits, w.mask_index, lengths,
-                                reverse.contiguous())
+                                reverse.contiguous(), out_dtype=out_dtype or torch.float32)
 
 
-def backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w: Weights, lengths, reverse):
+def backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w: Weights, lengths, reverse,
+                        out_dtype: Optional[torch.dtype] = None):
     return K.backward_recurrence(dhs, dh_n, dc_n, gates, cells, c0, w.weight, w.weight_index, w.bits,
-                                 w.mask_index, lengths, reverse.contiguous())
+                                 w.mask_index, lengths, reverse.contiguous(), out_dtype=out_dtype or torch.float32)
 
 
-def sum_into_sets(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int) -> torch.Tensor:
-    """(G, ...) -> (S, ...): each weight set's groups summed, one launch."""
-    return K.sum_into_sets(grads, weight_index, num_sets)
+def sum_into_sets(grads: torch.Tensor, weight_index: torch.Tensor, num_sets: int,
+                  out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """(G, ...) -> (S, ...): each weight set's groups summed in fp32, written in out_dtype, one launch."""
+    return K.sum_into_sets(grads, weight_index, num_sets, out_dtype)
