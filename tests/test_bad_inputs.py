@@ -86,6 +86,8 @@ CALLS = [
      ["'mask_index'", "[-1, 2)"]),
     ("lstm reverse int", lambda: lstm_layer(reverse=torch.tensor([0, 1])), (TypeError,), ["'reverse'", "bool"]),
     ("lstm x 3-D", lambda: lstm_layer(x=torch.randn(3, 2, 5)), (ValueError,), ["'x'", "4-D"]),
+    ("lstm b_hh alone", lambda: lstm_layer(b_ih=None), (ValueError,), ["'b_ih'", "'b_hh' alone"]),
+    ("lstm b_ih alone", lambda: lstm_layer(b_hh=None), (ValueError,), ["'b_hh'", "'b_ih' alone"]),
     ("lstm masks_hh wrong columns", lambda: lstm_layer(masks_hh=torch.ones(2, 16, 5, dtype=torch.bool)),
      (ValueError,), ["'masks_hh'", "(2, 16, 4)", "(2, 16, 5)"]),
     # alpha_mix, layer_mix, orthogonality_penalty

@@ -266,6 +266,11 @@ def _validate(x, h0, c0, w_ih, w_hh, b_ih, b_hh, weight_index, masks_ih, masks_h
     for name, value in (("h0", h0), ("c0", c0)):
         _checks.tensor(OP, name, value, ndim=3, dtypes=(x.dtype,))
         _checks.shape(OP, name, value, (G, B, H), "(groups, batch, hidden)")
+    if (b_ih is None) != (b_hh is None):
+        # one bias alone would be added by some paths and dropped by others, its gradient lost
+        given, missing = ("b_ih", "b_hh") if b_hh is None else ("b_hh", "b_ih")
+        raise ValueError(f"{OP}: argument '{missing}' must be given with '{given}' (both biases or neither, "
+                         f"as torch.nn.LSTM's bias=True / False); got '{given}' alone")
     for name, value in (("b_ih", b_ih), ("b_hh", b_hh)):
         if value is not None:
             _checks.tensor(OP, name, value, dtypes=(x.dtype,))
